@@ -1,0 +1,29 @@
+"""`nanofleet-agent`: the device-side command line."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="nanofleet-agent",
+    help="The nanofleet device agent: run the model, serve local inference, take signed updates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the agent's version."""
+    from agent import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

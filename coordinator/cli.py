@@ -1,0 +1,29 @@
+"""`nanofleet`: the operator and coordinator command line."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="nanofleet",
+    help="nanofleet operator tools: build models, manage releases and the fleet, run the demo.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the coordinator's version."""
+    from coordinator import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

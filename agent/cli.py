@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """The nanofleet device agent."""
+
+
 @app.command("version")
 def version() -> None:
     """Print the agent's version."""

@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """nanofleet operator tools."""
+
+
 @app.command("version")
 def version() -> None:
     """Print the coordinator's version."""

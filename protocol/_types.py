@@ -16,7 +16,7 @@ build supports, so an old device never half-reads a message from a newer coordin
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 #: The newest message schema version this build reads and writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 #: Upper bound of a single bundle file (bytes): 8 GiB.
 MAX_FILE_SIZE = 8 * 1024**3

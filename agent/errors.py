@@ -39,3 +39,27 @@ class TransientError(AgentError):
 
 class ConfigError(AgentError):
     """The configuration is invalid; the message names the key."""
+
+
+class RequestError(RefusedError):
+    """A client's request to the inference API is invalid.
+
+    ``param`` names the offending field (``messages[2].role``) or is None when the request
+    as a whole is at fault (malformed JSON, oversize body).
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class OverloadedError(TransientError):
+    """The inference queue is full; the client should retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(TransientError):
+    """A request did not finish within its deadline (queued or generating)."""

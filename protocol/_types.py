@@ -105,6 +105,14 @@ Identifier = Annotated[
     Field(description="An identifier: [A-Za-z0-9][A-Za-z0-9._+-]{0,63}."),
 ]
 
+#: A variable MQTT topic level (device id, group, channel); the same rule as
+#: :func:`protocol.topics.check_segment`.
+TopicSegment = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    Field(description="An MQTT topic level: [A-Za-z0-9][A-Za-z0-9._-]{0,63}."),
+]
+
 #: A point in time with an explicit UTC offset, written as RFC 3339 text.
 Timestamp = Annotated[AwareDatetime, Strict(False), BeforeValidator(_timestamp_text_only)]
 

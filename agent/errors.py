@@ -63,3 +63,11 @@ class OverloadedError(TransientError):
 
 class DeadlineExceededError(TransientError):
     """A request did not finish within its deadline (queued or generating)."""
+
+
+class TrainingInputError(RefusedError):
+    """Arrays handed to the on-device trainer do not fit together (shape, dtype, ids)."""
+
+
+class LocalDataError(RefusedError):
+    """Text offered to the local training store was refused (size, encoding, limits)."""

@@ -1,0 +1,395 @@
+"""The on-device trainer: a low-rank adapter on the frozen LM head, fitted with NumPy.
+
+The model the trainer sees is the last step of the Nano model only::
+
+    logits = H @ W.T + (H @ A) @ B
+
+``H`` [N, hidden] are the final-norm hidden states the runtime produced for N positions,
+``y`` [N] the next tokens, ``W`` [vocab, hidden] the frozen (dequantized) LM head, and the
+adapter ``A`` [hidden, rank], ``B`` [rank, vocab] the only trainable weights. The loss is
+the mean softmax cross-entropy over the N positions plus, optionally,
+``l2 / 2 * (|A|^2 + |B|^2)`` (a pull toward the base model against overfitting a small local
+data set).
+
+Invariants:
+
+- Pure: no I/O and no global state. Randomness comes from a seeded ``numpy.random.Generator``,
+  time from an injected clock, and permission to continue from an injected checkpoint.
+- Bounded memory: at most ``batch_rows x vocab`` logits exist at once, whatever N is.
+- Bounded CPU: a run stops after ``max_steps`` minibatches or ``max_compute_s`` seconds of
+  compute (time spent inside the checkpoint, e.g. paused for an inference request, is not
+  compute and does not count).
+- ``W`` and the starting adapter are never modified; the result is the *delta* from the
+  starting adapter, which is what a federated round averages.
+- Arithmetic runs in the dtype of ``H`` (float32 on a device, float64 in the gradient
+  check); losses are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.errors import TrainingInputError
+
+__all__ = [
+    "Adapter",
+    "Checkpoint",
+    "Directive",
+    "Evaluation",
+    "StopReason",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "init_adapter",
+    "loss_and_gradients",
+    "train",
+]
+
+FloatArray = npt.NDArray[np.floating]
+IntArray = npt.NDArray[np.integer]
+
+#: Rows of logits computed at once by :func:`evaluate` and :func:`loss_and_gradients`.
+EVAL_BATCH_ROWS = 256
+
+_ADAM_BETA1 = 0.9
+_ADAM_BETA2 = 0.999
+_ADAM_EPS = 1e-8
+
+
+class Adapter(NamedTuple):
+    """A LoRA pair for the LM head: ``a`` [hidden, rank], ``b`` [rank, vocab]."""
+
+    a: FloatArray
+    b: FloatArray
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+
+class Directive(Enum):
+    """What a checkpoint tells the trainer between two minibatches."""
+
+    CONTINUE = "continue"
+    ABORT = "abort"
+
+
+#: Called between minibatches. To *pause* (an inference request is being served), block
+#: until the device is idle again, then return CONTINUE; to give up the round, return ABORT.
+Checkpoint = Callable[[], Directive]
+
+
+class StopReason(Enum):
+    """Why :func:`train` returned."""
+
+    COMPLETED = "completed"  # every epoch ran
+    MAX_STEPS = "max_steps"
+    MAX_COMPUTE = "max_compute"
+    ABORTED = "aborted"  # the checkpoint said ABORT
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters and budgets of one local training run (minibatch Adam)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: Annotated[int, Field(ge=1, le=100)] = 3
+    #: Positions per minibatch; logits of this many rows x vocab exist at once.
+    batch_rows: Annotated[int, Field(ge=1, le=4096)] = 128
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-3
+    #: Weight of the L2 penalty on A and B (0 disables it).
+    l2: Annotated[float, Field(ge=0, le=100.0)] = 0.0
+    #: Minibatch steps before the run stops, across all epochs.
+    max_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    #: Seconds of compute (by the injected clock) before the run stops.
+    max_compute_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    #: Seeds the minibatch shuffling.
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    ``delta`` is the trained adapter minus the starting one; ``train_loss`` is the mean
+    cross-entropy (without the L2 term) over the positions of the last epoch that ran, or
+    None when no step ran.
+    """
+
+    delta: Adapter
+    num_examples: int
+    train_loss: float | None
+    steps: int
+    compute_s: float
+    stopped: StopReason
+
+
+class Evaluation(NamedTuple):
+    """Mean negative log-likelihood per position (nats) and its perplexity."""
+
+    nll: float
+    perplexity: float
+
+
+def init_adapter(hidden: int, vocab: int, rank: int, seed: int) -> Adapter:
+    """The standard LoRA start: ``A`` small Gaussian (std ``1/sqrt(hidden)``), ``B`` zeros.
+
+    With ``B`` zero the adapter starts as the identity (the base model's logits), and every
+    party that uses the same seed gets the same ``A``: a federated round must start all
+    devices from one adapter, so the coordinator picks the seed.
+
+    Raises:
+        TrainingInputError: a dimension is not positive.
+    """
+    for name, value in (("hidden", hidden), ("vocab", vocab), ("rank", rank)):
+        if value < 1:
+            raise TrainingInputError(f"{name} must be >= 1, got {value}")
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 1.0 / math.sqrt(hidden), size=(hidden, rank)).astype(np.float32)
+    return Adapter(a=a, b=np.zeros((rank, vocab), dtype=np.float32))
+
+
+def loss_and_gradients(
+    h: FloatArray,
+    y: IntArray,
+    w: FloatArray,
+    adapter: Adapter,
+    l2: float = 0.0,
+    batch_rows: int = EVAL_BATCH_ROWS,
+) -> tuple[float, FloatArray, FloatArray]:
+    """The training objective at ``adapter`` and its gradients with respect to A and B.
+
+    The loss is the mean cross-entropy over all rows of ``h`` plus
+    ``l2 / 2 * (|A|^2 + |B|^2)``. Rows are processed ``batch_rows`` at a time; gradients
+    come back in the dtype of ``h``.
+
+    Raises:
+        TrainingInputError: shapes, dtypes or target ids do not fit together.
+    """
+    _check_inputs(h, y, w, adapter)
+    a, b = (np.asarray(m, dtype=h.dtype) for m in adapter)
+    grad_a = np.zeros_like(a)
+    grad_b = np.zeros_like(b)
+    n = h.shape[0]
+    total_nll = 0.0
+    for start in range(0, n, batch_rows):
+        rows = slice(start, start + batch_rows)
+        total_nll += _accumulate(h[rows], y[rows], w, a, b, 1.0 / n, grad_a, grad_b)
+    loss = total_nll / n
+    if l2 > 0:
+        loss += 0.5 * l2 * (float(np.sum(a * a)) + float(np.sum(b * b)))
+        grad_a += l2 * a
+        grad_b += l2 * b
+    return loss, grad_a, grad_b
+
+
+def evaluate(
+    h: FloatArray,
+    y: IntArray,
+    w: FloatArray,
+    adapter: Adapter | None = None,
+    batch_rows: int = EVAL_BATCH_ROWS,
+) -> Evaluation:
+    """Mean NLL and perplexity of the targets ``y`` under the base model plus ``adapter``.
+
+    ``adapter=None`` evaluates the base model alone.
+
+    Raises:
+        TrainingInputError: shapes, dtypes or target ids do not fit together.
+    """
+    _check_inputs(h, y, w, adapter)
+    total = 0.0
+    for start in range(0, h.shape[0], batch_rows):
+        rows = slice(start, start + batch_rows)
+        logits = _logits(h[rows], w, adapter)
+        total += float(np.sum(_nll_rows(logits, y[rows]), dtype=np.float64))
+    nll = total / h.shape[0]
+    return Evaluation(nll=nll, perplexity=math.exp(nll))
+
+
+def train(
+    h: FloatArray,
+    y: IntArray,
+    w: FloatArray,
+    start: Adapter,
+    config: TrainConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    checkpoint: Checkpoint | None = None,
+) -> TrainResult:
+    """Fit the adapter to ``(h, y)`` from ``start`` with minibatch Adam; return the delta.
+
+    Each epoch visits the rows in a fresh order drawn from ``config.seed``. Before every
+    minibatch the budgets are checked, then ``checkpoint`` is called (it may block to pause
+    training, or return ABORT to stop at once); whatever was learned until the stop is
+    returned, with the reason in ``stopped``.
+
+    Raises:
+        TrainingInputError: shapes, dtypes or target ids do not fit together.
+    """
+    _check_inputs(h, y, w, start)
+    dtype = h.dtype
+    a0 = np.asarray(start.a, dtype=dtype)
+    b0 = np.asarray(start.b, dtype=dtype)
+    params = [a0.copy(), b0.copy()]
+    moments1 = [np.zeros_like(p) for p in params]
+    moments2 = [np.zeros_like(p) for p in params]
+    rng = np.random.default_rng(config.seed)
+    n = h.shape[0]
+    steps = 0
+    compute_s = 0.0
+    stopped = StopReason.COMPLETED
+    epoch_nll = 0.0
+    epoch_rows = 0
+    for _epoch in range(config.epochs):
+        epoch_nll, epoch_rows = 0.0, 0
+        order = rng.permutation(n)
+        for first in range(0, n, config.batch_rows):
+            if steps >= config.max_steps:
+                stopped = StopReason.MAX_STEPS
+            elif compute_s >= config.max_compute_s:
+                stopped = StopReason.MAX_COMPUTE
+            elif checkpoint is not None and checkpoint() is Directive.ABORT:
+                stopped = StopReason.ABORTED
+            if stopped is not StopReason.COMPLETED:
+                break
+            began = clock()
+            rows = order[first : first + config.batch_rows]
+            batch_nll, grads = _minibatch_gradients(h[rows], y[rows], w, params, config.l2)
+            steps += 1
+            _adam_step(params, grads, moments1, moments2, steps, config.learning_rate)
+            compute_s += clock() - began
+            epoch_nll += batch_nll
+            epoch_rows += len(rows)
+        if stopped is not StopReason.COMPLETED:
+            break
+    delta = Adapter(a=params[0] - a0, b=params[1] - b0)
+    return TrainResult(
+        delta=delta,
+        num_examples=n,
+        train_loss=epoch_nll / epoch_rows if epoch_rows else None,
+        steps=steps,
+        compute_s=compute_s,
+        stopped=stopped,
+    )
+
+
+def _minibatch_gradients(
+    h: FloatArray, y: IntArray, w: FloatArray, params: list[FloatArray], l2: float
+) -> tuple[float, list[FloatArray]]:
+    """Summed NLL of the rows and the gradients of the rows' mean loss (+ L2)."""
+    a, b = params
+    grad_a = np.zeros_like(a)
+    grad_b = np.zeros_like(b)
+    nll = _accumulate(h, y, w, a, b, 1.0 / h.shape[0], grad_a, grad_b)
+    if l2 > 0:
+        grad_a += l2 * a
+        grad_b += l2 * b
+    return nll, [grad_a, grad_b]
+
+
+def _accumulate(
+    h: FloatArray,
+    y: IntArray,
+    w: FloatArray,
+    a: FloatArray,
+    b: FloatArray,
+    scale: float,
+    grad_a: FloatArray,
+    grad_b: FloatArray,
+) -> float:
+    """Add ``scale`` x the gradients of the rows' summed NLL; return that sum.
+
+    d(nll)/d(logits) = softmax(logits) - onehot(y); logits = h W^T + (h A) B, so
+    dB = (h A)^T G and dA = h^T (G B^T).
+    """
+    ha = h @ a
+    z = h @ w.T.astype(h.dtype, copy=False)
+    z += ha @ b
+    z -= z.max(axis=1, keepdims=True)
+    rows = np.arange(h.shape[0])
+    target = z[rows, y].copy()
+    np.exp(z, out=z)
+    sums = z.sum(axis=1)
+    nll = float(np.sum(np.log(sums) - target, dtype=np.float64))
+    z /= sums[:, None]
+    z[rows, y] -= 1.0
+    z *= scale
+    grad_b += ha.T @ z
+    grad_a += h.T @ (z @ b.T)
+    return nll
+
+
+def _logits(h: FloatArray, w: FloatArray, adapter: Adapter | None) -> FloatArray:
+    z: FloatArray = h @ w.T.astype(h.dtype, copy=False)
+    if adapter is not None:
+        z += (h @ adapter.a.astype(h.dtype, copy=False)) @ adapter.b.astype(h.dtype, copy=False)
+    return z
+
+
+def _nll_rows(z: FloatArray, y: IntArray) -> FloatArray:
+    """Per-row NLL of targets ``y``; overwrites ``z``."""
+    rows = np.arange(z.shape[0])
+    z -= z.max(axis=1, keepdims=True)
+    target = z[rows, y].copy()
+    np.exp(z, out=z)
+    nll: FloatArray = np.log(z.sum(axis=1)) - target
+    return nll
+
+
+def _adam_step(
+    params: list[FloatArray],
+    grads: list[FloatArray],
+    m: list[FloatArray],
+    v: list[FloatArray],
+    t: int,
+    lr: float,
+) -> None:
+    correction1 = 1.0 - _ADAM_BETA1**t
+    correction2 = 1.0 - _ADAM_BETA2**t
+    for p, g, m_i, v_i in zip(params, grads, m, v, strict=True):
+        m_i *= _ADAM_BETA1
+        m_i += (1.0 - _ADAM_BETA1) * g
+        v_i *= _ADAM_BETA2
+        v_i += (1.0 - _ADAM_BETA2) * (g * g)
+        p -= lr * (m_i / correction1) / (np.sqrt(v_i / correction2) + _ADAM_EPS)
+
+
+def _check_inputs(h: FloatArray, y: IntArray, w: FloatArray, adapter: Adapter | None) -> None:
+    if h.ndim != 2 or h.shape[0] < 1:
+        raise TrainingInputError(f"hidden states must be [N >= 1, hidden], got {h.shape}")
+    if not np.issubdtype(h.dtype, np.floating):
+        raise TrainingInputError(f"hidden states must be floating point, got {h.dtype}")
+    if not np.isfinite(h).all():
+        raise TrainingInputError("hidden states contain NaN or infinite values")
+    n, hidden = h.shape
+    if y.shape != (n,):
+        raise TrainingInputError(f"targets must be [{n}] like the hidden states, got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TrainingInputError(f"targets must be integer token ids, got {y.dtype}")
+    if w.ndim != 2 or w.shape[1] != hidden:
+        raise TrainingInputError(f"LM head must be [vocab, {hidden}], got {w.shape}")
+    vocab = w.shape[0]
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= vocab:
+        raise TrainingInputError(
+            f"target ids must lie in [0, {vocab}), got values from {low} to {high}"
+        )
+    if adapter is None:
+        return
+    rank = adapter.a.shape[1] if adapter.a.ndim == 2 else -1
+    if adapter.a.shape != (hidden, rank) or rank < 1:
+        raise TrainingInputError(f"adapter A must be [{hidden}, rank], got {adapter.a.shape}")
+    if adapter.b.shape != (rank, vocab):
+        raise TrainingInputError(
+            f"adapter B must be [{rank}, {vocab}] to match A and the LM head, got {adapter.b.shape}"
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from coordinator.schema_cmd import schema
+
 app = typer.Typer(
     name="nanofleet",
     help="nanofleet operator tools: build models, manage releases and the fleet, run the demo.",
@@ -24,6 +26,9 @@ def version() -> None:
     from coordinator import __version__
 
     typer.echo(__version__)
+
+
+app.command("schema")(schema)
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from protocol.bundle import BundleManifest
@@ -44,9 +45,12 @@ E = TypeVar("E", bound=EngineLike)
 class ModelHolder(Generic[E]):
     """Holds the engine that new requests use."""
 
-    def __init__(self, engine: E) -> None:
+    def __init__(self, engine: E, *, clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
+        self._clock = clock
         self._lock = threading.Lock()
+        #: Unix time at which the current engine became active.
+        self.activated_at = clock()
 
     def current(self) -> E:
         """The engine a request admitted now must use (capture it once)."""
@@ -57,4 +61,5 @@ class ModelHolder(Generic[E]):
         """Make ``engine`` the active one and return the previous engine."""
         with self._lock:
             old, self._engine = self._engine, engine
+            self.activated_at = self._clock()
             return old

@@ -86,11 +86,15 @@ class ModelInfo(StrictModel):
 
     @model_validator(mode="after")
     def _token_ids_in_vocab(self) -> Self:
-        ids = [*self.eos_token_ids, *([] if self.bos_token_id is None else [self.bos_token_id])]
-        outside = [i for i in ids if i >= self.vocab_size]
+        outside = [i for i in self.eos_token_ids if i >= self.vocab_size]
         if outside:
             raise ValueError(
-                f"token ids {outside} are outside the vocabulary (vocab_size {self.vocab_size})"
+                f"eos_token_ids {outside} are outside the vocabulary (vocab_size {self.vocab_size})"
+            )
+        if self.bos_token_id is not None and self.bos_token_id >= self.vocab_size:
+            raise ValueError(
+                f"bos_token_id {self.bos_token_id} is outside the vocabulary "
+                f"(vocab_size {self.vocab_size})"
             )
         if len(set(self.eos_token_ids)) != len(self.eos_token_ids):
             raise ValueError("eos_token_ids has duplicates")

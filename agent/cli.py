@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -24,6 +27,19 @@ def version() -> None:
     from agent import __version__
 
     typer.echo(__version__)
+
+
+@app.command("run")
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML settings file; NANOFLEET_* variables override it."),
+    ] = None,
+) -> None:
+    """Serve the model on the local socket until SIGTERM (systemd Type=notify)."""
+    from agent import daemon
+
+    raise typer.Exit(int(daemon.run(config)))
 
 
 def main() -> None:

@@ -74,6 +74,9 @@ class SchedulerSettings(BaseModel):
     request_deadline_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
     #: Value of the Retry-After header sent with 429.
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 2
+    #: A generation without a new token for this long counts as hung: the systemd watchdog
+    #: pings stop and systemd restarts the agent.
+    engine_stall_max_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
 
 
 class ServerSettings(BaseModel):

@@ -76,11 +76,13 @@ class Slot:
             else:
                 post(_END, None)
 
+        self._scheduler.mark_progress()
         self._job = loop.run_in_executor(self._scheduler.executor, pump)
         self._job.add_done_callback(lambda _: self._scheduler._release(self.key))
         try:
             while True:
                 kind, value = await inbox.get()
+                self._scheduler.mark_progress()
                 if kind == _ITEM:
                     yield value
                 elif kind == _ERROR:
@@ -123,10 +125,17 @@ class Scheduler:
         self._admitting = True
         self._idle = asyncio.Event()
         self._idle.set()
+        self._progress_at = clock()
 
     @property
     def queued(self) -> int:
         return self.core.queued
+
+    def stalled_s(self, now: float) -> float:
+        """Seconds since a running job last made progress (0 when nothing runs)."""
+        if self.core.running == 0:
+            return 0.0
+        return max(0.0, now - self._progress_at)
 
     @property
     def running(self) -> int:
@@ -193,7 +202,12 @@ class Scheduler:
             slot.cancel.set()
         self.executor.shutdown(wait=True)
 
+    def mark_progress(self) -> None:
+        """A job started or produced something (feeds :meth:`stalled_s`)."""
+        self._progress_at = self._clock()
+
     def _release(self, key: int) -> None:
+        self.mark_progress()
         for started in self.core.release(key):
             waiter = self._waiters.pop(started)
             if waiter.done():

@@ -319,3 +319,30 @@ def test_job_errors_reach_the_consumer_and_free_the_slot() -> None:
         s.shutdown()
 
     asyncio.run(main())
+
+
+def test_stall_is_measured_from_the_last_progress_of_a_running_job() -> None:
+    async def main() -> None:
+        now = [100.0]
+        s = Scheduler(
+            SchedulerCore(concurrency=1, queue_length_max=1, retry_after_s=1),
+            deadline_s=1000.0,
+            clock=lambda: now[0],
+        )
+        assert s.stalled_s(500.0) == 0.0  # nothing runs
+        job = Steps()
+        task = asyncio.create_task(consume(s, job, upto=2))
+        await wait_until(lambda: s.running == 1)
+        now[0] = 130.0
+        assert s.stalled_s(now[0]) == 30.0  # started at 100, nothing since
+        job.release()
+        await wait_until(lambda: job.produced == 1)
+        await asyncio.sleep(0)
+        await wait_until(lambda: s.stalled_s(now[0]) == 0.0)
+        job.release()
+        await task
+        await wait_until(lambda: s.running == 0)
+        assert s.stalled_s(1000.0) == 0.0
+        s.shutdown()
+
+    asyncio.run(main())

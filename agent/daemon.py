@@ -1,0 +1,302 @@
+"""``nanofleet-agent run``: load the settings and the model, serve, drain on SIGTERM.
+
+Invariants:
+
+- The exit status is always one of :class:`protocol.exitcodes.ExitCode`: a bad setting is
+  ``CONFIG`` (the message names the key), a bad model ``MODEL_INVALID``, a socket that
+  cannot be bound ``UNAVAILABLE``, a SIGTERM followed by a drain ``SUCCESS``.
+- ``READY=1`` goes to systemd only after the model answered a one-token smoke generation
+  and the sockets listen. ``WATCHDOG=1`` is sent from the event loop at half of
+  ``WATCHDOG_USEC``, and only while no generation has gone without progress for longer than
+  ``scheduler.engine_stall_max_s``: a hung engine stops the pings, and systemd restarts it.
+- On SIGTERM: ``STOPPING=1``, no new connections or requests, admitted requests finish
+  within ``server.drain_timeout_s`` (then they are cancelled), exit 0.
+- Logs are JSON lines on stdout (journald keeps them), one object per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from agent import sdnotify
+from agent.config import AgentSettings, load_settings
+from agent.errors import ConfigError, ModelError
+from agent.server.app import ServerState, create_app
+from agent.server.holder import ModelHolder
+from agent.server.listeners import PeerAwareProtocol, bind_tcp, bind_unix, resolve_group
+from agent.server.runner import Scheduler
+from agent.server.scheduling import SchedulerCore
+from protocol.exitcodes import ExitCode
+
+log = logging.getLogger("nanofleet.agent")
+
+#: A bearer token shorter than this is refused.
+TOKEN_MIN_CHARS = 32
+#: A token file larger than this is refused.
+TOKEN_FILE_MAX_BYTES = 4096
+#: The prompt of the smoke generation that gates READY=1.
+SMOKE_PROMPT = "Hello"
+
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send every log record to stdout as a JSON line."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def read_token(path: Path) -> str:
+    """Read the TCP bearer token from ``path``.
+
+    Raises:
+        ConfigError: unreadable, readable by others, too large, or shorter than
+            :data:`TOKEN_MIN_CHARS` (the message names ``server.tcp_token_file``).
+    """
+    key = "server.tcp_token_file"
+    try:
+        info = path.stat()
+        if info.st_mode & stat.S_IROTH:
+            raise ConfigError(f"{key}: {path} is readable by others; chmod o-r it")
+        if info.st_size > TOKEN_FILE_MAX_BYTES:
+            raise ConfigError(f"{key}: {path} is over {TOKEN_FILE_MAX_BYTES} bytes")
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from e
+    if len(token) < TOKEN_MIN_CHARS or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"{key}: the token must be at least {TOKEN_MIN_CHARS} characters without "
+            f"spaces (got {len(token)})"
+        )
+    return token
+
+
+def load_engine(settings: AgentSettings) -> Any:
+    """Load the configured model and check it answers one token.
+
+    Raises:
+        ModelError: the model directory is refused or the smoke generation fails.
+    """
+    from agent.runtime import Engine, SamplingParams
+
+    engine = Engine.load(
+        settings.model.dir, threads=settings.model.threads, verify=settings.model.verify
+    )
+    try:
+        generation = engine.generate(
+            engine.encode(SMOKE_PROMPT), SamplingParams(max_tokens=1, temperature=0.0)
+        )
+        for _ in generation:
+            pass
+    except Exception as e:
+        raise ModelError(f"model.dir: the model failed its smoke generation: {e}") from e
+    if generation.completion_tokens < 1 and generation.finish_reason is None:
+        raise ModelError("model.dir: the model produced nothing in its smoke generation")
+    return engine
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal capture (the daemon owns SIGTERM)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.listening.set()
+
+
+def run(config_path: Path | None) -> int:
+    """Run the agent until SIGTERM; return the exit status (an :class:`ExitCode`)."""
+    configure_logging()
+    try:
+        settings = load_settings(config_path)
+        configure_logging(settings.log.level)
+        gid = (
+            resolve_group(settings.server.socket_group)
+            if settings.server.socket_group is not None
+            else None
+        )
+        token = (
+            read_token(settings.server.tcp_token_file)
+            if settings.server.tcp_token_file is not None
+            else None
+        )
+    except ConfigError as e:
+        log.error(str(e), extra={"event": "config_error", "exit": int(ExitCode.CONFIG)})
+        print(f"nanofleet-agent: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
+    started = time.monotonic()
+    try:
+        engine = load_engine(settings)
+    except ModelError as e:
+        log.error(str(e), extra={"event": "model_error", "exit": int(ExitCode.MODEL_INVALID)})
+        print(f"nanofleet-agent: {e}", file=sys.stderr)
+        return ExitCode.MODEL_INVALID
+    log.info(
+        "model loaded",
+        extra={
+            "event": "model_loaded",
+            "model": engine.manifest.name,
+            "version": engine.manifest.version,
+            "bundle_hash": engine.bundle_hash,
+            "load_s": round(time.monotonic() - started, 3),
+        },
+    )
+    try:
+        sockets = _bind(settings, gid)
+    except OSError as e:
+        log.error(
+            f"cannot listen: {e}",
+            extra={"event": "bind_error", "exit": int(ExitCode.UNAVAILABLE)},
+        )
+        print(f"nanofleet-agent: cannot listen: {e}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    try:
+        asyncio.run(_serve(settings, engine, token, sockets))
+    finally:
+        for sock in sockets:
+            sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            settings.server.socket_path.unlink()
+    log.info("stopped", extra={"event": "stopped", "exit": 0})
+    return ExitCode.SUCCESS
+
+
+def _bind(settings: AgentSettings, gid: int | None) -> list[socket.socket]:
+    server = settings.server
+    server.socket_path.parent.mkdir(parents=True, exist_ok=True)
+    sockets = [bind_unix(server.socket_path, gid)]
+    if server.tcp_host is not None and server.tcp_port is not None:
+        try:
+            sockets.append(bind_tcp(server.tcp_host, server.tcp_port))
+        except OSError:
+            sockets[0].close()
+            raise
+    return sockets
+
+
+async def _serve(
+    settings: AgentSettings, engine: Any, token: str | None, sockets: list[socket.socket]
+) -> None:
+    sched = settings.server.scheduler
+    scheduler = Scheduler(
+        SchedulerCore(
+            concurrency=sched.concurrency,
+            queue_length_max=sched.queue_length_max,
+            retry_after_s=sched.retry_after_s,
+        ),
+        deadline_s=sched.request_deadline_s,
+    )
+    state = ServerState(
+        holder=ModelHolder(engine),
+        scheduler=scheduler,
+        limits=settings.server.limits,
+        tcp_token=token,
+    )
+    app = create_app(state)
+    config = uvicorn.Config(
+        app,
+        http=PeerAwareProtocol,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or 1,
+        server_header=False,
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm() -> None:
+        log.info("SIGTERM: draining", extra={"event": "draining"})
+        sdnotify.notify("STOPPING=1")
+        scheduler.close_admission()
+        server.should_exit = True
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, on_sigterm)
+    serving = asyncio.create_task(server.serve(sockets=sockets))
+    listening = asyncio.create_task(server.listening.wait())
+    await asyncio.wait({serving, listening}, return_when=asyncio.FIRST_COMPLETED)
+    if listening.done():
+        state.ready.set()
+        sdnotify.notify("READY=1")
+        log.info(
+            "serving",
+            extra={
+                "event": "ready",
+                "socket": str(settings.server.socket_path),
+                "tcp": f"{settings.server.tcp_host}:{settings.server.tcp_port}"
+                if settings.server.tcp_host
+                else None,
+            },
+        )
+    else:
+        listening.cancel()
+    watchdog = asyncio.create_task(_watchdog(scheduler, sched.engine_stall_max_s))
+    try:
+        await serving
+    finally:
+        watchdog.cancel()
+        state.ready.clear()
+        await asyncio.to_thread(scheduler.shutdown)
+
+
+async def _watchdog(scheduler: Scheduler, stall_max_s: float) -> None:
+    interval = sdnotify.watchdog_interval_s()
+    if interval is None:
+        return
+    warned = False
+    while True:
+        stalled = scheduler.stalled_s(time.monotonic())
+        if stalled <= stall_max_s:
+            sdnotify.notify("WATCHDOG=1")
+            warned = False
+        elif not warned:
+            log.error(
+                "the engine made no progress; withholding the watchdog ping",
+                extra={"event": "engine_stalled", "stalled_s": round(stalled, 1)},
+            )
+            warned = True
+        await asyncio.sleep(interval)

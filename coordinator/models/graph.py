@@ -66,6 +66,9 @@ class GraphOptions:
     adapter_rank: int = 8
 
 
+DEFAULT_OPTIONS = GraphOptions()
+
+
 class _Weights:
     """Appends initializers to the external data file and remembers where each went."""
 
@@ -109,14 +112,14 @@ class _Weights:
                 helper.make_tensor(name, dtype, array.shape, array.tobytes(), raw=True)
             )
         else:
-            self._external(name, dtype, list(array.shape), self._write(memoryview(array).cast("B")))
+            self._external(name, dtype, list(array.shape), self._write(array.data.cast("B")))
         return name
 
     def add_views(self, array: Array, views: list[tuple[str, list[int]]]) -> None:
         """Write ``array`` once and declare one initializer per ``(name, shape)`` over it."""
         array = np.ascontiguousarray(array)
         dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-        where = self._write(memoryview(array).cast("B"))
+        where = self._write(array.data.cast("B"))
         for name, dims in views:
             if int(np.prod(dims)) != array.size:
                 raise ValueError(f"view {name} {dims} does not cover {array.shape}")
@@ -281,7 +284,7 @@ def _io(cfg: Any, rank: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.Value
 def build_graph(
     src: LlamaSource,
     out_dir: Path,
-    options: GraphOptions = GraphOptions(),
+    options: GraphOptions = DEFAULT_OPTIONS,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``model.onnx`` and its external data file for ``src`` into ``out_dir``.
@@ -395,7 +398,7 @@ def build_graph(
             N=cfg.vocab_size,
             bits=8,
             block_size=BLOCK,
-            accuracy_level=4,
+            accuracy_level=options.accuracy_level,
         )
         rank = options.adapter_rank
         w.add("lora_a", np.zeros((cfg.hidden_size, rank), dtype=np.float32))

@@ -30,7 +30,10 @@ def build_tokenizer(src: TokenizerSource) -> Tokenizer:
     vocab = {tok: i for i, tok in enumerate(src.tokens)}
     if len(vocab) != len(src.tokens):
         raise BuildError("the GGUF vocabulary has duplicate tokens")
-    merges = [tuple(m.split(" ", 1)) for m in src.merges]
+    merges: list[tuple[str, str]] = []
+    for m in src.merges:
+        left, right = m.split(" ", 1)
+        merges.append((left, right))
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

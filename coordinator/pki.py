@@ -46,8 +46,10 @@ __all__ = [
     "CLIENT_VALID_DAYS",
     "COORDINATOR_IDENTITY",
     "CRL_VALID_DAYS",
+    "DEVICE_URI_PREFIX",
     "SERVER_VALID_DAYS",
     "SERVICE_PREFIX",
+    "SERVICE_URI_PREFIX",
     "Credential",
     "CredentialFiles",
     "create_ca",
@@ -76,6 +78,10 @@ BACKDATE = timedelta(minutes=5)
 SERVICE_PREFIX = "svc:"
 #: The coordinator's certificate CN and MQTT username.
 COORDINATOR_IDENTITY = SERVICE_PREFIX + "coordinator"
+#: Client certificates also name their identity as a URI subject alternative name, so a
+#: strict RFC 5280 verifier (which wants a SAN on every leaf) can check them too.
+DEVICE_URI_PREFIX = "urn:nanofleet:device:"
+SERVICE_URI_PREFIX = "urn:nanofleet:service:"
 
 #: Credential file names: a plain name, never a path.
 _FILE_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -314,7 +320,7 @@ def issue_device(
     valid_days: int = CLIENT_VALID_DAYS,
     now: datetime | None = None,
 ) -> Credential:
-    """Issue a device's client certificate whose CN is ``device_id``.
+    """Issue a device's client certificate: CN ``device_id``, URI ``urn:nanofleet:device:<id>``.
 
     Raises :class:`RefusedError` if the device id is invalid (see :func:`validate_device_id`).
     """
@@ -322,7 +328,7 @@ def issue_device(
         ca,
         validate_device_id(device_id),
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        sans=(),
+        sans=[x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)],
         valid_days=valid_days,
         now=now,
     )
@@ -337,13 +343,15 @@ def issue_service(
 ) -> Credential:
     """Issue a service's client certificate (e.g. the coordinator's), CN ``svc:<name>``.
 
+    Its URI subject alternative name is ``urn:nanofleet:service:<name>``.
+
     Raises :class:`RefusedError` if ``name`` is invalid (see :func:`service_identity`).
     """
     return _issue(
         ca,
         service_identity(name),
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        sans=(),
+        sans=[x509.UniformResourceIdentifier(SERVICE_URI_PREFIX + name)],
         valid_days=valid_days,
         now=now,
     )

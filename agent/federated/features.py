@@ -40,11 +40,11 @@ MAX_ROWS_LIMIT = 1_000_000
 
 
 class HiddenStateModel(Protocol):
-    """The runtime's forward pass, seen from the trainer."""
+    """The runtime's forward pass, seen from the trainer (``agent.runtime`` ``Engine``)."""
 
-    def hidden_states(self, token_ids: Sequence[int]) -> Array:
-        """Final-norm hidden states, float32 ``[len(token_ids), hidden]``, of one sequence
-        that starts at position 0 with no cache and no adapter."""
+    def forward_hidden(self, ids: Sequence[int]) -> Array:
+        """Final-norm hidden states, float32 ``[len(ids), hidden]``, of one sequence that
+        starts at position 0 with no cache and no adapter."""
         ...
 
 
@@ -90,7 +90,7 @@ def extract_features(
     ys: list[Array] = []
     for chunk in _windows(stream, window, max_rows):
         inputs, targets = chunk[:-1], chunk[1:]
-        h = np.asarray(model.hidden_states(inputs))
+        h = np.asarray(model.forward_hidden(inputs))
         if h.ndim != 2 or h.shape[0] != len(inputs) or (hs and h.shape[1] != hs[0].shape[1]):
             expected = hs[0].shape[1] if hs else "hidden"
             raise TrainingInputError(

@@ -18,10 +18,10 @@ class _EchoModel:
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
 
-    def hidden_states(self, token_ids: Sequence[int]) -> np.ndarray[Any, Any]:
-        self.calls.append(list(token_ids))
-        ids = np.asarray(token_ids, dtype=np.float32)
-        return np.stack([ids, np.arange(len(ids), dtype=np.float32), np.ones_like(ids)], axis=1)
+    def forward_hidden(self, ids: Sequence[int]) -> np.ndarray[Any, Any]:
+        self.calls.append(list(ids))
+        col = np.asarray(ids, dtype=np.float32)
+        return np.stack([col, np.arange(len(col), dtype=np.float32), np.ones_like(col)], axis=1)
 
 
 def test_texts_are_packed_with_the_separator_and_every_next_token_is_a_target() -> None:
@@ -50,7 +50,7 @@ class _BrokenModel:
     def __init__(self, result: np.ndarray[Any, Any]) -> None:
         self.result = result
 
-    def hidden_states(self, token_ids: Sequence[int]) -> np.ndarray[Any, Any]:
+    def forward_hidden(self, ids: Sequence[int]) -> np.ndarray[Any, Any]:
         return self.result
 
 

@@ -50,7 +50,12 @@ TOKEN_FILE_MAX_BYTES = 4096
 #: The prompt of the smoke generation that gates READY=1.
 SMOKE_PROMPT = "Hello"
 
-_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+#: LogRecord attributes that are not ``extra`` fields (uvicorn's color_message is noise).
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({})).keys()) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -370,11 +370,20 @@ class _Outcome:
     generation: GenerationLike | None = None
 
 
-def _work(job: _Job, outcome: _Outcome) -> Callable[[threading.Event], Iterator[str]]:
+def _work(
+    job: _Job, outcome: _Outcome, metrics: ServerMetrics
+) -> Callable[[threading.Event], Iterator[str]]:
     def run(cancel: threading.Event) -> Iterator[str]:
         generation = job.engine.generate(job.prompt_ids, job.params, cancel=cancel)
-        yield from generation
-        outcome.generation = generation
+        try:
+            yield from generation
+        finally:
+            # Counted here, in the worker, so that generations whose client left count too.
+            outcome.generation = generation
+            reason = getattr(generation, "finish_reason", None) or EngineFinish.CANCELLED
+            metrics.generations.labels(finish_reason=str(reason)).inc()
+            metrics.prompt_tokens.inc(generation.prompt_tokens)
+            metrics.completion_tokens.inc(generation.completion_tokens)
 
     return run
 
@@ -452,11 +461,6 @@ class _Timing:
         else:
             self._metrics.token_s.observe(now - self._last)
         self._last = now
-
-    def done(self, generation: GenerationLike | None) -> None:
-        if generation is not None:
-            self._metrics.prompt_tokens.inc(generation.prompt_tokens)
-            self._metrics.completion_tokens.inc(generation.completion_tokens)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -676,7 +680,7 @@ async def _generate(
     created = int(time.time())
     outcome = _Outcome()
     timing = _Timing(metrics, started)
-    deltas = slot.stream(_work(job, outcome))
+    deltas = slot.stream(_work(job, outcome, metrics))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if isinstance(req, api.ChatCompletionRequest):
@@ -698,7 +702,6 @@ async def _generate(
             return "".join(parts)
 
         text = await _unless_client_leaves(request, collect())
-    timing.done(outcome.generation)
     finish = _finish(outcome.generation)
     usage = _usage(outcome.generation)
     if isinstance(req, api.ChatCompletionRequest):
@@ -754,7 +757,6 @@ async def _chat_events(
     except Exception as e:
         yield _sse(_error_payload(e))
         return
-    timing.done(outcome.generation)
     yield chunk(api.ChatDelta(), finish)
     if include_usage:
         yield _sse(
@@ -796,7 +798,6 @@ async def _completion_events(
     except Exception as e:
         yield _sse(_error_payload(e))
         return
-    timing.done(outcome.generation)
     yield chunk("", finish)
     if include_usage:
         yield _sse(

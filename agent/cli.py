@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from agent.generate_cmd import generate
+
 app = typer.Typer(
     name="nanofleet-agent",
     help="The nanofleet device agent: run the model, serve local inference, take signed updates.",
@@ -40,6 +42,9 @@ def run(
     from agent import daemon
 
     raise typer.Exit(int(daemon.run(config)))
+
+
+app.command("generate")(generate)
 
 
 def main() -> None:

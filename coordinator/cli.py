@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from coordinator.models.cli import model_app
 from coordinator.schema_cmd import schema
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ def version() -> None:
 
 
 app.command("schema")(schema)
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ Storage invariants:
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -37,6 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from coordinator.registry._columns import EnumText, UTCDateTime
 from coordinator.registry.liveness import Online
+from coordinator.registry.views import RoundState
 from coordinator.rollout.policy import RolloutState, SizeUnit, WaveState
 from protocol.bundle import BundleKind
 from protocol.messages import Health, Slot, UpdateState
@@ -44,14 +44,6 @@ from protocol.messages import Health, Slot, UpdateState
 ID_LENGTH = 64  # device ids, group and tag names: the protocol's topic-segment bound
 ACTOR_LENGTH = 128
 ERROR_MESSAGE_LENGTH = 1024
-
-
-class RoundState(StrEnum):
-    """Where a federated run stands."""
-
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
 
 
 #: Constraint and index names; the migrations spell out the same names.

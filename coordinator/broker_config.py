@@ -8,11 +8,15 @@ that username only, never by the client id a client chooses:
   ``heartbeat`` and ``progress`` (``pattern`` lines with ``%u``);
 - each device: read the release announcements and round invitations of its groups (one
   ``user`` block per device: mosquitto's ACL file has no notion of groups);
-- the coordinator: read every device's status, heartbeat and progress; write release
-  announcements and round invitations of every group.
+- the coordinator: read every device's status, heartbeat and progress; read and write
+  the release announcements and round invitations of every group (reading its own retained
+  announcements lets it reconcile them after a restart).
 
 Everything else is denied: a device can neither read another device's topics nor publish
-under them, and it cannot publish announcements.
+under them, and it cannot publish announcements. The production template also sets
+``use_username_as_clientid``, so the client id a device sends is ignored altogether: one
+identity cannot disconnect another or resume its session by claiming its client id, and
+each identity has at most one connection at a time.
 
 Both renderers are pure (text in, text out); callers write the files. Every name that goes
 into a file is validated first, so no input can add a line or a wildcard.
@@ -76,7 +80,7 @@ def coordinator_read_filters() -> list[str]:
 
 
 def coordinator_write_filters() -> list[str]:
-    """What the coordinator writes: every group's release announcements and round invitations."""
+    """What the coordinator reads and writes: every group's announcements and invitations."""
     return [f"{topics.PREFIX}/groups/+/releases/+", f"{topics.PREFIX}/groups/+/rounds"]
 
 
@@ -118,7 +122,7 @@ def render_acl(
         "# The coordinator: every device's reports; every group's announcements.",
         f"user {coordinator}",
         *(f"topic read {t}" for t in coordinator_read_filters()),
-        *(f"topic write {t}" for t in coordinator_write_filters()),
+        *(f"topic readwrite {t}" for t in coordinator_write_filters()),
     ]
     for device_id in sorted(members):
         lines += ["", f"user {device_id}"]

@@ -15,6 +15,7 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from coordinator import pki
+from coordinator.broker_config import render_acl
 from protocol import topics
 from tests.support.mosquitto import (
     DEVICE_A,
@@ -26,7 +27,6 @@ from tests.support.mosquitto import (
     TlsBroker,
     client_context,
     mqtt_connack,
-    tls_broker,
 )
 from tests.support.mqtt_client import RecordingClient
 from tests.support.processes import ManagedProcess, log_contains
@@ -92,6 +92,17 @@ def test_a_device_cannot_read_another_devices_topics_even_with_its_client_id(
             coord.publish(own_group, b"marker")
             spy.expect(own_group, b"marker")
             assert [m.topic for m in spy.messages] == [own_group]
+
+
+def test_a_device_using_another_devices_client_id_does_not_take_over_its_session(
+    mosquitto_tls: TlsBroker,
+) -> None:
+    b = mosquitto_tls
+    with _client(b, DEVICE_B, DEVICE_B) as victim, _client(b, DEVICE_A, DEVICE_B):
+        # A takeover would have closed the victim's connection before the intruder's
+        # CONNACK; a PUBACK on an unbroken connection proves it is still the same one.
+        assert _accepted(victim.publish(topics.device_heartbeat(DEVICE_B), b"still here"))
+        assert victim.disconnects == []
 
 
 def test_a_device_cannot_publish_on_another_devices_topics(mosquitto_tls: TlsBroker) -> None:
@@ -191,14 +202,32 @@ def test_plain_tcp_to_the_tls_port_is_refused(mosquitto_tls: TlsBroker) -> None:
 def test_the_broker_certificate_is_refused_as_a_client_certificate(
     mosquitto_tls: TlsBroker,
 ) -> None:
-    broker_files = mosquitto_tls.directory
-    context = client_context(
-        mosquitto_tls.ca_file, broker_files / "broker.crt", broker_files / "broker.key"
-    )
+    server = mosquitto_tls.server
+    context = client_context(mosquitto_tls.ca_file, server.certificate, server.key)
     _refused(mosquitto_tls, context)
 
 
-def test_a_revoked_device_is_refused() -> None:
-    with tls_broker(revoked=[DEVICE_B]) as broker:
-        _refused(broker, broker.context(DEVICE_B))
-        assert mqtt_connack(broker.host, broker.port, broker.context(DEVICE_A)) == 0
+def test_a_device_revoked_while_the_broker_runs_is_refused_after_a_reload(
+    mosquitto_tls: TlsBroker,
+) -> None:
+    b = mosquitto_tls
+    assert mqtt_connack(b.host, b.port, b.context(DEVICE_B)) == 0
+    pki.write_crl(pki.issue_crl(b.ca, [b.identities[DEVICE_B].serial]), b.crl_file)
+    b.reload()
+    _refused(b, b.context(DEVICE_B))
+    assert mqtt_connack(b.host, b.port, b.context(DEVICE_A)) == 0
+
+
+def test_a_new_group_membership_applies_after_the_acl_is_rerendered_and_reloaded(
+    mosquitto_tls: TlsBroker,
+) -> None:
+    b = mosquitto_tls
+    theirs = topics.release_announcements(GROUP_B, "stable")
+    with _client(b, COORDINATOR, "coordinator") as coord:
+        assert _accepted(coord.publish(theirs, b"beta release", retain=True))
+    joined = {**b.fleet, DEVICE_A: (GROUP_A, GROUP_B)}
+    b.acl_file.write_text(render_acl(joined.items()))
+    b.reload()
+    with _client(b, DEVICE_A, "dev-a-agent") as dev_a:
+        dev_a.subscribe(theirs)
+        dev_a.expect(theirs, b"beta release")

@@ -17,10 +17,11 @@ from __future__ import annotations
 import grp
 import os
 import shutil
+import signal
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,17 @@ _PROBE_ID = b"nanofleet-probe"
 _CONNECT_BODY = b"\x00\x04MQTT\x04\x02\x00\x0a" + len(_PROBE_ID).to_bytes(2, "big") + _PROBE_ID
 CONNECT_PACKET = b"\x10" + bytes([len(_CONNECT_BODY)]) + _CONNECT_BODY
 DISCONNECT_PACKET = b"\xe0\x00"
+
+
+_RELOADED = "Reloading config."
+
+
+def _log_count_above(text: str, count: int) -> Ready:
+    def check(proc: ManagedProcess) -> bool:
+        return proc.read_log().count(text) > count
+
+    check.__doc__ = f"{text!r} logged more than {count} times"
+    return check
 
 
 def mosquitto_binary() -> Path:
@@ -164,6 +176,16 @@ class Broker:
         """The last lines of the broker's log."""
         return self.process.log_tail(lines)
 
+    def reload(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """SIGHUP the broker (it rereads its ACL file and CRL) and wait until it has.
+
+        mosquitto reloads in its single main loop right after logging the line waited
+        for, so any connection made after this returns sees the new files.
+        """
+        before = self.process.read_log().count(_RELOADED)
+        self.process.send_signal(signal.SIGHUP)
+        self.process.wait_ready(_log_count_above(_RELOADED, before), timeout=timeout)
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -172,6 +194,7 @@ class Identity:
     username: str
     cert_file: Path
     key_file: Path
+    serial: int
 
 
 @dataclass(kw_only=True)
@@ -180,6 +203,7 @@ class TlsBroker(Broker):
 
     ca: pki.Credential = field(repr=False)
     ca_file: Path
+    server: pki.CredentialFiles
     crl_file: Path
     acl_file: Path
     identities: dict[str, Identity]
@@ -234,34 +258,28 @@ def plain_broker() -> Iterator[Broker]:
 
 
 @contextmanager
-def tls_broker(
-    fleet: Mapping[str, tuple[str, ...]] = FLEET,
-    *,
-    revoked: Iterable[str] = (),
-) -> Iterator[TlsBroker]:
+def tls_broker(fleet: Mapping[str, tuple[str, ...]] = FLEET) -> Iterator[TlsBroker]:
     """A mosquitto running the production mTLS template on a free loopback port.
 
     Identities: every device of ``fleet`` and the coordinator (``pki.COORDINATOR_IDENTITY``).
-    Devices named in ``revoked`` are on the broker's CRL.
+    The CRL starts empty.
     """
     group = _broker_group()
-    revoked = set(revoked)
     with broker_directory() as directory:
         ca = pki.create_ca("nanofleet test CA")
         ca_file = directory / "ca.crt"
         pki.write_certificate(ca.certificate, ca_file)  # the CA's key stays in memory
         server = pki.write_credential(pki.issue_server(ca), directory, "broker", group=group)
         identities: dict[str, Identity] = {}
-        serials: list[int] = []
         issued = {d: pki.issue_device(ca, d) for d in fleet}
         issued[pki.COORDINATOR_IDENTITY] = pki.issue_service(ca, "coordinator")
         for username, cred in issued.items():
             files = pki.write_credential(cred, directory, username.replace(":", "-"))
-            identities[username] = Identity(username, files.certificate, files.key)
-            if username in revoked:
-                serials.append(cred.certificate.serial_number)
+            identities[username] = Identity(
+                username, files.certificate, files.key, cred.certificate.serial_number
+            )
         crl_file = directory / "crl.pem"
-        pki.write_crl(pki.issue_crl(ca, serials), crl_file)
+        pki.write_crl(pki.issue_crl(ca), crl_file)
         acl_file = directory / "acl"
         _write_shared(acl_file, render_acl(fleet.items()))
 
@@ -290,6 +308,7 @@ def tls_broker(
                 config=config,
                 ca=ca,
                 ca_file=ca_file,
+                server=server,
                 crl_file=crl_file,
                 acl_file=acl_file,
                 identities=identities,

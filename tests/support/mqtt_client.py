@@ -63,6 +63,7 @@ class RecordingClient:
         self._connack: ReasonCode | None = None
         self._suback: dict[int, list[ReasonCode]] = {}
         self._puback: dict[int, ReasonCode] = {}
+        self._disconnects: list[ReasonCode] = []
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
@@ -74,6 +75,7 @@ class RecordingClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
 
     # -- paho callbacks (network thread): record and notify only ----------------------
 
@@ -111,6 +113,18 @@ class RecordingClient:
     ) -> None:
         with self._cond:
             self._puback[mid] = reason_code
+            self._cond.notify_all()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._cond:
+            self._disconnects.append(reason_code)
             self._cond.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -197,6 +211,12 @@ class RecordingClient:
         """Every message received so far, in arrival order."""
         with self._cond:
             return list(self._messages)
+
+    @property
+    def disconnects(self) -> list[ReasonCode]:
+        """Why each connection so far ended (paho reconnects on its own after one)."""
+        with self._cond:
+            return list(self._disconnects)
 
     def close(self) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""

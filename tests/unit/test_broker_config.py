@@ -172,6 +172,7 @@ def test_the_production_template_renders_mtls_with_identity_usernames() -> None:
         "allow_anonymous false",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         "acl_file /etc/mosquitto/nanofleet/acl",
         "keyfile /etc/mosquitto/nanofleet/broker.key",
         "crlfile /etc/mosquitto/nanofleet/crl.pem",
@@ -202,3 +203,9 @@ def test_bad_broker_settings_are_refused(overrides: dict[str, object], match: st
 def test_a_template_with_an_unknown_placeholder_is_refused() -> None:
     with pytest.raises(RefusedError, match="unknown placeholder 'password'"):
         bc.render_mosquitto_conf("listener ${port}\npassword ${password}\n", _files(Path("/srv")))
+
+
+def test_the_example_acl_in_deploy_is_what_render_acl_writes() -> None:
+    example = TEMPLATE.with_name("acl.example").read_text()
+    fleet = [("kiosk-0001", ["store-12", "canary"]), ("kiosk-0002", ["store-12"])]
+    assert example == bc.render_acl(fleet)

@@ -18,7 +18,8 @@ that its ACLs are keyed on. Hence the invariants:
   named group for a daemon that drops privileges (mosquitto started as root runs as user
   ``mosquitto`` and reads its certificates after dropping them).
 
-Clock and validity are parameters (``now``, ``valid_days``) so tests can pin them.
+Clock and validity are parameters (``now``, ``valid_days``) so tests can pin them; a naive
+``now`` (no time zone) is a programming error and raises ``ValueError``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ so once the marker is in, the forbidden message would have been too.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
+import tests.support.mosquitto as mosquitto_support
 from coordinator import pki
 from coordinator.broker_config import render_acl
 from protocol import topics
@@ -22,14 +24,16 @@ from tests.support.mosquitto import (
     DEVICE_B,
     GROUP_A,
     GROUP_B,
+    HOST,
     REPO,
     Broker,
     TlsBroker,
     client_context,
     mqtt_connack,
+    plain_broker,
 )
 from tests.support.mqtt_client import RecordingClient
-from tests.support.processes import ManagedProcess, log_contains
+from tests.support.processes import ManagedProcess, free_port, log_contains
 
 pytestmark = pytest.mark.mosquitto
 
@@ -46,6 +50,19 @@ def test_a_retained_message_reaches_a_client_that_subscribes_later(mosquitto: Br
         sub.subscribe(topic)
         got = sub.expect(topic, b"release 7")
     assert got.retain
+
+
+def test_a_port_taken_after_it_was_picked_is_replaced_by_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as squatter:  # bound, not listening: probes are refused at once
+        squatter.bind((HOST, 0))
+        taken = squatter.getsockname()[1]
+        picks = iter([taken])
+        monkeypatch.setattr(mosquitto_support, "free_port", lambda host: next(picks, free_port()))
+        with plain_broker() as broker:
+            assert broker.port != taken
+            assert mqtt_connack(broker.host, broker.port) == 0
 
 
 def test_a_client_killed_with_sigkill_triggers_its_last_will(mosquitto: Broker) -> None:

@@ -21,14 +21,14 @@ import signal
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator import pki
 from coordinator.broker_config import BrokerFiles, render_acl, render_mosquitto_conf
-from tests.support.processes import ManagedProcess, Ready, free_port
+from tests.support.processes import ManagedProcess, ProcessStartError, Ready, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "mosquitto" / "nanofleet.conf.template"
@@ -217,40 +217,62 @@ class TlsBroker(Broker):
         return client_context(self.ca_file, ident.cert_file, ident.key_file)
 
 
-def _start(config: Path, port: int, ready: Ready, directory: Path) -> ManagedProcess:
-    proc = ManagedProcess(
-        [mosquitto_binary(), "-c", config], name="mosquitto", log_path=directory / "broker.log"
-    )
-    proc.start()
-    try:
-        proc.wait_ready(ready, timeout=READY_TIMEOUT_S)
-    except BaseException:
-        proc.close()
-        raise
-    return proc
+#: How many free ports to try when another process grabs the one picked first.
+PORT_ATTEMPTS = 3
+
+
+def _start(
+    directory: Path,
+    write_config: Callable[[int], Path],
+    ready: Callable[[int], Ready],
+) -> tuple[int, ManagedProcess]:
+    """Start mosquitto on a free loopback port; return the port and the running process.
+
+    ``write_config(port)`` writes the configuration and returns its path; ``ready(port)`` is
+    the readiness condition. A port taken between picking and binding is retried.
+    """
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port(HOST)
+        config = write_config(port)
+        (directory / "broker.log").unlink(missing_ok=True)
+        proc = ManagedProcess(
+            [mosquitto_binary(), "-c", config], name="mosquitto", log_path=directory / "broker.log"
+        )
+        proc.start()
+        try:
+            proc.wait_ready(ready(port), timeout=READY_TIMEOUT_S)
+        except ProcessStartError:
+            lost_race = "Address already in use" in proc.read_log()
+            proc.close()
+            if lost_race and attempt < PORT_ATTEMPTS:
+                continue
+            raise
+        except BaseException:
+            proc.close()
+            raise
+        return port, proc
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @contextmanager
 def plain_broker() -> Iterator[Broker]:
     """A mosquitto on a free loopback port, anonymous clients allowed, no persistence."""
     with broker_directory() as directory:
-        port = free_port(HOST)
         config = directory / "mosquitto.conf"
-        _write_shared(
-            config,
-            "\n".join(
-                [
-                    f"listener {port} {HOST}",
-                    "allow_anonymous true",
-                    "persistence false",
-                    "log_dest stderr",
-                    "log_type all",
-                    "connection_messages true",
-                    "",
-                ]
-            ),
-        )
-        proc = _start(config, port, mqtt_accepting(HOST, port), directory)
+
+        def write_config(port: int) -> Path:
+            lines = [
+                f"listener {port} {HOST}",
+                "allow_anonymous true",
+                "persistence false",
+                "log_dest stderr",
+                "log_type all",
+                "connection_messages true",
+            ]
+            _write_shared(config, "\n".join(lines) + "\n")
+            return config
+
+        port, proc = _start(directory, write_config, lambda p: mqtt_accepting(HOST, p))
         try:
             yield Broker(host=HOST, port=port, process=proc, directory=directory, config=config)
         finally:
@@ -283,22 +305,25 @@ def tls_broker(fleet: Mapping[str, tuple[str, ...]] = FLEET) -> Iterator[TlsBrok
         acl_file = directory / "acl"
         _write_shared(acl_file, render_acl(fleet.items()))
 
-        port = free_port(HOST)
         config = directory / "mosquitto.conf"
-        broker_files = BrokerFiles(
-            ca_file=ca_file,
-            cert_file=server.certificate,
-            key_file=server.key,
-            crl_file=crl_file,
-            acl_file=acl_file,
-            persistence_dir=directory / "data",
-            port=port,
-            bind_address=HOST,
-        )
-        _write_shared(config, render_mosquitto_conf(TEMPLATE.read_text(), broker_files))
+
+        def write_config(port: int) -> Path:
+            broker_files = BrokerFiles(
+                ca_file=ca_file,
+                cert_file=server.certificate,
+                key_file=server.key,
+                crl_file=crl_file,
+                acl_file=acl_file,
+                persistence_dir=directory / "data",
+                port=port,
+                bind_address=HOST,
+            )
+            _write_shared(config, render_mosquitto_conf(TEMPLATE.read_text(), broker_files))
+            return config
+
         coordinator = identities[pki.COORDINATOR_IDENTITY]
         probe = client_context(ca_file, coordinator.cert_file, coordinator.key_file)
-        proc = _start(config, port, mqtt_accepting(HOST, port, probe), directory)
+        port, proc = _start(directory, write_config, lambda p: mqtt_accepting(HOST, p, probe))
         try:
             yield TlsBroker(
                 host=HOST,

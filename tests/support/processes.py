@@ -136,7 +136,8 @@ class ManagedProcess:
     With ``notify=True`` a datagram socket is bound and passed as ``NOTIFY_SOCKET``, the
     way systemd does for ``Type=notify`` units.
 
-    Use as a context manager: entering starts the process, leaving stops it.
+    Use as a context manager: entering starts the process, leaving stops it and removes
+    the private directory (call :meth:`close` otherwise).
     """
 
     def __init__(
@@ -155,15 +156,18 @@ class ManagedProcess:
         self.name = name or Path(self.argv[0]).name
         self._env = dict(env or {})
         self._cwd = cwd
-        self._scratch = tempfile.TemporaryDirectory(prefix=f"nanofleet-{self.name}-")
-        self.log_path = log_path or Path(self._scratch.name) / "process.log"
+        # A private directory only for what the caller did not place: the log, the socket.
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if log_path is None or notify:
+            self._scratch = tempfile.TemporaryDirectory(prefix=f"nanofleet-{self.name}-")
+        self.log_path = log_path or Path(self._scratch_dir()) / "process.log"
         self._log: IO[bytes] | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._notify_socket: socket.socket | None = None
         self._notify_path: Path | None = None
         self._notifications: list[str] = []
         if notify:
-            self._notify_path = Path(self._scratch.name) / "notify.sock"
+            self._notify_path = Path(self._scratch_dir()) / "notify.sock"
             self._notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._notify_socket.bind(str(self._notify_path))
             self._notify_socket.setblocking(False)
@@ -278,7 +282,8 @@ class ManagedProcess:
     def close(self) -> None:
         """Stop the process and remove the private temporary directory (and default log)."""
         self.stop()
-        self._scratch.cleanup()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def __enter__(self) -> Self:
         if self._popen is None:
@@ -314,6 +319,10 @@ class ManagedProcess:
         return list(self._notifications)
 
     # -- internals -------------------------------------------------------------------
+
+    def _scratch_dir(self) -> str:
+        assert self._scratch is not None
+        return self._scratch.name
 
     def _started(self) -> subprocess.Popen[bytes]:
         if self._popen is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from coordinator.models.cli import model_app
+from coordinator.repository.cli import keys_app, release_app
 from coordinator.schema_cmd import schema
 
 app = typer.Typer(
@@ -31,6 +32,8 @@ def version() -> None:
 
 app.command("schema")(schema)
 app.add_typer(model_app, name="model")
+app.add_typer(keys_app, name="keys")
+app.add_typer(release_app, name="release")
 
 
 def main() -> None:

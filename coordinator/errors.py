@@ -23,6 +23,10 @@ class BuildError(RefusedError):
     """A model or bundle could not be built from the given source."""
 
 
+class SigningKeyError(RefusedError):
+    """A signing key is missing, locked (no or a wrong passphrase) or too few for a threshold."""
+
+
 class TransientError(CoordinatorError):
     """A temporary failure; the caller may retry later."""
 

@@ -5,18 +5,20 @@ own clock; device clocks are not trusted for this). Invariants:
 
 - A device is ``offline`` only after ``missed`` heartbeat intervals of silence. One late or
   lost heartbeat never flips it.
-- Silence counts only while the coordinator's MQTT link is up: the clock starts at
-  ``max(last heartbeat, link.connected_since)``. When the broker restarts, the coordinator
-  reconnects and every device gets the full ``missed`` intervals to come back, so a restart
-  does not flap the fleet. While the link is down, or has heard nothing for a whole
-  interval (``link.last_message_at``, which the link keeps fresh with its own probe), there
-  is no verdict at all: the stored state stands.
+- Silence counts only while the coordinator's MQTT link is up. A device not heard from
+  since the link (re)connected (``link.connected_since``) keeps its stored state for
+  ``missed`` intervals (its grace to reconnect), then is ``offline``. So a broker restart
+  flaps nobody: online devices stay online while they reconnect, offline ones stay offline
+  until they beat again. While the link is down, or has heard nothing for a whole interval
+  (``link.last_message_at``, which the link keeps fresh with its own probe), there is no
+  verdict at all: the stored state stands.
 - The Last Will is a hint, not proof: if the device's will arrived after its last
   heartbeat, and that heartbeat came over the current link, ``missed_after_will`` intervals
   suffice. A retained will re-delivered on resubscribe predates the link's heartbeats, so
   it never shortens the wait.
-- A device registered but never heard from is ``unknown`` until its first interval window
-  ends, then ``offline``.
+- A device registered but never heard from keeps its state (``unknown`` when new) for
+  ``missed`` intervals after its registration or the link's start, whichever is later,
+  then is ``offline``.
 """
 
 from __future__ import annotations
@@ -77,15 +79,10 @@ def judge(
     heard = link.last_message_at
     if since is None or heard is None or now - heard > interval:
         return None
-    missed = rule.missed
-    if (
-        will_at is not None
-        and last_seen is not None
-        and last_seen >= since
-        and will_at >= last_seen
-    ):
-        missed = rule.missed_after_will
-    start = max(last_seen or registered_at, since)
-    if now - start > missed * interval:
-        return Online.OFFLINE
-    return Online.UNKNOWN if last_seen is None else Online.ONLINE
+    if last_seen is not None and last_seen >= since:
+        will_hint = will_at is not None and will_at >= last_seen
+        missed = rule.missed_after_will if will_hint else rule.missed
+        return Online.OFFLINE if now - last_seen > missed * interval else Online.ONLINE
+    if now - max(since, registered_at) <= rule.missed * interval:
+        return None
+    return Online.OFFLINE

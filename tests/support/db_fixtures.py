@@ -23,6 +23,7 @@ import pytest
 
 from coordinator.registry import Registry, make_engine, upgrade
 from protocol.bundle import AdapterInfo, BundleFile, BundleKind, BundleManifest, ModelInfo
+from protocol.rounds import FedAvg, RoundManifest
 from tests.support.postgres import PostgresServer, PostgresUnavailableError
 
 BACKENDS = ("sqlite", "postgresql")
@@ -90,6 +91,26 @@ def make_manifest(
             base_bundle_sha256=base_sha256 or _sha("base"),
             tokenizer_sha256=tokenizer,
         ),
+    )
+
+
+def make_round_manifest(
+    round_id: str = "run-1", group: str = "edge", *, finished: bool = False
+) -> RoundManifest:
+    """A valid FedAvg run manifest, unfinished unless ``finished``."""
+    return RoundManifest(
+        round_id=round_id,
+        group=group,
+        rounds=3,
+        cohort_size=4,
+        min_nodes=2,
+        adapter_rank=8,
+        aggregation=FedAvg(kind="fedavg"),
+        privacy=None,
+        base_bundle_sha256=_sha("base"),
+        result_sha256=_sha(f"{round_id}:result") if finished else None,
+        started_at=EPOCH,
+        finished_at=EPOCH + timedelta(minutes=5) if finished else None,
     )
 
 

@@ -1,0 +1,1 @@
+"""The registry contract suite: the same tests against SQLite and PostgreSQL."""

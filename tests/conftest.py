@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.model_fixtures",
     "tests.support.broker_fixtures",
+    "tests.support.db_fixtures",
 ]

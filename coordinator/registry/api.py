@@ -831,7 +831,7 @@ class Registry:
         with self._write() as s:
             rollouts = [
                 r
-                for r in s.scalars(select(Rollout).order_by(Rollout.id).with_for_update())
+                for r in s.scalars(select(Rollout).order_by(Rollout.id).with_for_update(of=Rollout))
                 if group in r.selector.get("groups", ())
             ]
             reverted = {r.rollback_of for r in s.scalars(select(Rollout)) if r.rollback_of}

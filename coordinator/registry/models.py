@@ -188,7 +188,7 @@ class Rollout(Base):
     created_by: Mapped[str] = mapped_column(String(ACTOR_LENGTH))
     finished_at: Mapped[datetime | None]
 
-    release: Mapped[Release] = relationship(lazy="joined")
+    release: Mapped[Release] = relationship(lazy="joined", innerjoin=True)
     waves: Mapped[list[Wave]] = relationship(order_by="Wave.position", lazy="selectin")
 
 

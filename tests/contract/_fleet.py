@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from coordinator.registry import Ingest, Registry
+from coordinator.registry import Ingest, Registry, ReleaseView
 from coordinator.rollout.policy import decide
 from protocol.messages import (
     BundleRef,
@@ -75,18 +75,28 @@ def register(registry: Registry, ids: Sequence[str], group: str = "edge") -> Non
         registry.register_device(device_id, groups=[group], actor="op")
 
 
+def target_of(release: ReleaseView) -> BundleRef:
+    return BundleRef(name=release.name, version=release.version, sha256=release.bundle_sha256)
+
+
 def report_all(
-    registry: Registry, devices: Sequence[str], state: UpdateState, now: datetime
+    registry: Registry,
+    devices: Sequence[str],
+    state: UpdateState,
+    now: datetime,
+    release: ReleaseView,
 ) -> None:
-    results = registry.ingest([(d, progress(now, state), now) for d in devices])
+    """Every device in ``devices`` reports ``state`` for ``release`` at ``now``."""
+    target = target_of(release)
+    results = registry.ingest([(d, progress(now, state, target=target), now) for d in devices])
     assert set(results) == {Ingest.APPLIED}, results
 
 
 def run_to_completion(registry: Registry, rollout_id: int, now: datetime) -> None:
     """Drive a single-wave, no-soak rollout to completed: start, all commit, pass, complete."""
-    decision, _ = registry.step(rollout_id, decide)
+    decision, release = registry.step(rollout_id, decide)
     devices = getattr(decision, "devices", ())
     assert devices, decision
-    report_all(registry, devices, UpdateState.COMMITTED, now)
+    report_all(registry, devices, UpdateState.COMMITTED, now, release)
     kinds = [type(registry.step(rollout_id, decide)[0]).__name__ for _ in range(2)]
     assert kinds == ["PassWave", "Complete"], kinds

@@ -215,9 +215,11 @@ class PostgresServer:
         """Create a uniquely named database (a copy of ``template`` if given); return its name."""
         name = f"t{os.getpid()}_{next(self._names)}"
         sql = f'CREATE DATABASE "{name}"'
-        if template is not None:
-            sql += f' TEMPLATE "{template}"'
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            if template is not None:
+                sql += f' TEMPLATE "{template}"'
+                if conn.info.server_version >= 150000:
+                    sql += " STRATEGY FILE_COPY"  # twice as fast as WAL_LOG for small copies
             conn.execute(sql.encode())
         return name
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -46,6 +47,14 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent.errors import HealthCheckFailedError
+from agent.ota.client import RepositoryClient
+from agent.ota.fetcher import FetchLimits, HttpFetcher
+from agent.ota.lifecycle import Announce, Policy
+from agent.ota.plan import ReleasePlan
+from agent.ota.runner import DeviceController, Outcome, RecordStore, UpdateRunner
+from agent.ota.slots import SlotManager
+from agent.ota.store import BlobStore
 from protocol.bundle import (
     MANIFEST_NAME,
     AdapterInfo,
@@ -56,7 +65,7 @@ from protocol.bundle import (
     bundle_hash,
     canonical_json,
 )
-from protocol.messages import BundleRef
+from protocol.messages import BundleRef, ReleaseAnnouncement, UpdateProgress
 from protocol.release import (
     ADAPTERS_ROLE,
     CHANNELS_ROLE,
@@ -184,7 +193,11 @@ class RepoSimulator:
         self.targets.signed.delegations = Delegations(keys={}, roles={})
         for role in DELEGATED:
             self.targets.signed.delegations.roles[role] = DelegatedRole(  # type: ignore[index]
-                name=role, keyids=[], threshold=1, terminating=True, paths=list(DELEGATED_PATHS[role])
+                name=role,
+                keyids=[],
+                threshold=1,
+                terminating=True,
+                paths=list(DELEGATED_PATHS[role]),
             )
         self.delegated = {role: Metadata(Targets(expires=expires)) for role in DELEGATED}
         self.snapshot = Metadata(Snapshot(expires=expires))
@@ -221,11 +234,15 @@ class RepoSimulator:
             md.sign(signer, append=True)
         return md.to_bytes(JSONSerializer(compact=True))
 
-    def publish_root(self, extra_signers: list[Signer] | None = None, *, bump: bool = False) -> bytes:
+    def publish_root(
+        self, extra_signers: list[Signer] | None = None, *, bump: bool = False
+    ) -> bytes:
         """Sign root with its own keys (plus ``extra_signers``, e.g. the previous root's)."""
         if bump:
             self.root.signed.version += 1
-        data = self.sign(self.root, "root", [*self.signers["root"].values(), *(extra_signers or [])])
+        data = self.sign(
+            self.root, "root", [*self.signers["root"].values(), *(extra_signers or [])]
+        )
         self.files[f"metadata/{self.root.signed.version}.root.json"] = data
         return data
 
@@ -261,7 +278,9 @@ class RepoSimulator:
 
     # -- content
 
-    def add_target(self, role: str, path: str, data: bytes, custom: dict[str, Any] | None = None) -> TargetFile:
+    def add_target(
+        self, role: str, path: str, data: bytes, custom: dict[str, Any] | None = None
+    ) -> TargetFile:
         """List ``data`` as target ``path`` in ``role`` and serve it under its hashed name."""
         sha256 = hashlib.sha256(data).hexdigest()
         target = TargetFile(
@@ -295,12 +314,16 @@ class RepoSimulator:
         role = role or ("targets" if kind is BundleKind.BASE else ADAPTERS_ROLE)
         for entry in manifest.files:
             data = (directory / entry.path).read_bytes()
-            self.add_target(role, bundle_target_path(kind, manifest.name, manifest.version, entry.path), data)
+            self.add_target(
+                role, bundle_target_path(kind, manifest.name, manifest.version, entry.path), data
+            )
         if kind is BundleKind.BASE and counter is None:
             self.counter += 1
             counter = self.counter
         custom = info or custom_field(BundleTargetInfo(manifest=manifest, release_counter=counter))
-        self.add_target(role, manifest_target_path(kind, manifest.name, manifest.version), raw, custom)
+        self.add_target(
+            role, manifest_target_path(kind, manifest.name, manifest.version), raw, custom
+        )
         return manifest
 
     def point(
@@ -313,7 +336,12 @@ class RepoSimulator:
         role: str = CHANNELS_ROLE,
     ) -> ChannelPointer:
         pointer = ChannelPointer(group=group, channel=channel, base=base, adapter=adapter)
-        self.add_target(role, channel_target_path(group, channel), canonical_json(pointer), custom_field(pointer))
+        self.add_target(
+            role,
+            channel_target_path(group, channel),
+            canonical_json(pointer),
+            custom_field(pointer),
+        )
         return pointer
 
     # -- serving
@@ -324,7 +352,9 @@ class RepoSimulator:
 
 
 def _meta(version: int, data: bytes) -> MetaFile:
-    return MetaFile(version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})
+    return MetaFile(
+        version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()}
+    )
 
 
 class SimFetcher(FetcherInterface):
@@ -353,6 +383,8 @@ class ServerFaults:
     cut_after: dict[str, int] = field(default_factory=dict)
     """Path -> byte count: the next response for that path closes the connection after it."""
     ignore_range: bool = False
+    wrong_content_range: bool = False
+    """Answer a Range request with a Content-Range that starts one byte late."""
 
 
 @dataclass(frozen=True)
@@ -376,6 +408,12 @@ class RepoHTTPServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out in separate writes: without this, Nagle's
+                # algorithm and the client's delayed ACK add 40 ms to every response.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -384,7 +422,9 @@ class RepoHTTPServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -420,7 +460,8 @@ class RepoHTTPServer:
         if range_header and not faults.ignore_range:
             start = int(range_header.removeprefix("bytes=").split("-")[0])
             handler.send_response(206)
-            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            shown = start + 1 if faults.wrong_content_range else start
+            handler.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
             self._log(path, range_header, 206)
         else:
             handler.send_response(200)
@@ -438,7 +479,9 @@ class RepoHTTPServer:
             handler.wfile.flush()
             handler.connection.shutdown(2)
 
-    def _send(self, handler: BaseHTTPRequestHandler, path: str, body: bytes, rate: float | None) -> None:
+    def _send(
+        self, handler: BaseHTTPRequestHandler, path: str, body: bytes, rate: float | None
+    ) -> None:
         piece = len(body) if rate is None else max(1, int(rate / 20))
         for i in range(0, len(body), piece):
             chunk = body[i : i + piece]
@@ -455,3 +498,87 @@ class RepoHTTPServer:
     def _log(self, path: str, range_header: str | None, status: int) -> None:
         with self._lock:
             self.requests.append(ServedRequest(path, range_header, status))
+
+
+# ---- a device wired to a simulator ----------------------------------------------------------
+
+
+class FakeActivator:
+    """Stands in for the live server: records activations; the health gate is scripted."""
+
+    def __init__(self) -> None:
+        self.activated: list[tuple[Path, Path | None]] = []
+        self.rolled_back: list[Path | None] = []
+        self.healthy = True
+
+    def activate(self, base_dir: Path, adapter_dir: Path | None, plan: ReleasePlan) -> None:
+        self.activated.append((base_dir, adapter_dir))
+
+    def health_check(self, plan: ReleasePlan) -> None:
+        if not self.healthy:
+            raise HealthCheckFailedError("scripted: the new model answers badly")
+
+    def rollback(self, base_dir: Path | None, adapter_dir: Path | None) -> None:
+        self.rolled_back.append(base_dir)
+
+
+class SimDevice:
+    """One device's OTA stack (client, store, slots, runner) against ``repo_url``."""
+
+    def __init__(
+        self,
+        state: Path,
+        root: bytes,
+        repo_url: str,
+        *,
+        limits: FetchLimits | None = None,
+        group: str = "lab",
+        channel: str = "stable",
+    ) -> None:
+        self.state = state
+        self.activator = FakeActivator()
+        self.reports: list[UpdateProgress] = []
+        self.client = RepositoryClient(
+            root=root,
+            metadata_dir=state / "tuf",
+            metadata_url=f"{repo_url}/metadata/",
+            targets_url=f"{repo_url}/targets/",
+            fetcher=HttpFetcher(limits or FetchLimits(read_timeout_s=5, deadline_s=30)),
+        )
+        self.store = BlobStore(state / "blobs")
+        self.slots = SlotManager(state / "slots")
+        self.controller = DeviceController(
+            group=group,
+            channel=channel,
+            client=self.client,
+            store=self.store,
+            slots=self.slots,
+            activator=self.activator,
+            reporter=self.reports.append,
+        )
+        self.records = RecordStore(state / "record.json")
+        self.runner = self.new_runner()
+
+    def new_runner(self, policy: Policy | None = None) -> UpdateRunner:
+        return UpdateRunner(
+            self.controller,
+            self.records,
+            policy=policy or Policy(max_attempts=1),
+            backoff=lambda attempt: 0.0,
+            wait=lambda seconds: None,
+        )
+
+    def poll(self, hint: ReleaseAnnouncement | None = None) -> Outcome:
+        return self.runner.handle(Announce(hint))
+
+    def installed_files(self) -> dict[str, str]:
+        """Path -> sha256 of every file in the committed slot (empty when none)."""
+        current = self.slots.current()
+        if current is None:
+            return {}
+        root = self.slots.path(current.slot)
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }

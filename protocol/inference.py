@@ -207,11 +207,15 @@ class _GenerationRequest(StrictModel):
             raise ValueError(f"stop has {len(value)} sequences; send 1 to {MAX_STOP}")
         return value
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> Self:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        # ``stream`` is declared first, so it is validated (or missing) by now.
+        if value is not None and not info.data.get("stream", False):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return value
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:

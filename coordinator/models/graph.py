@@ -57,13 +57,16 @@ _INLINE_LIMIT = 4096  # bytes: smaller initializers stay inside model.onnx
 class GraphOptions:
     """Knobs of the graph; the defaults are what ships.
 
-    ``accuracy_level`` 4 lets ``MatMulNBits`` quantize activations to int8 per block (the
-    fast CPU path); 0 computes in float32 (slower, used by tests that compare to the
-    reference at a tight tolerance).
+    ``accuracy_level`` (4-bit projections) and ``lm_head_accuracy_level`` (the 8-bit LM
+    head): 4 lets ``MatMulNBits`` quantize activations to int8 per 32-value block (the
+    fast CPU path); 0 computes in float32 (exact, slower). ``None`` for the LM head means
+    "same as the projections".
     """
 
     accuracy_level: int = 4
+    lm_head_accuracy_level: int | None = None
     adapter_rank: int = 8
+    exact: tuple[str, ...] = ()
 
 
 DEFAULT_OPTIONS = GraphOptions()
@@ -171,7 +174,9 @@ class _Graph:
             N=n,
             bits=4,
             block_size=BLOCK,
-            accuracy_level=self.options.accuracy_level,
+            accuracy_level=0
+            if any(e in name for e in self.options.exact)
+            else self.options.accuracy_level,
         )
         shape = self.const_i64([0, 0, k // BLOCK, BLOCK])
         (blocks,) = self.node("Reshape", [x, shape], [f"{name}/blocks"], name=f"{name}/Reshape")
@@ -398,7 +403,9 @@ def build_graph(
             N=cfg.vocab_size,
             bits=8,
             block_size=BLOCK,
-            accuracy_level=options.accuracy_level,
+            accuracy_level=options.accuracy_level
+            if options.lm_head_accuracy_level is None
+            else options.lm_head_accuracy_level,
         )
         rank = options.adapter_rank
         w.add("lora_a", np.zeros((cfg.hidden_size, rank), dtype=np.float32))

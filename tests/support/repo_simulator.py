@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from agent.errors import HealthCheckFailedError
 from agent.ota.client import RepositoryClient
 from agent.ota.fetcher import FetchLimits, HttpFetcher
 from agent.ota.lifecycle import Announce, Policy
-from agent.ota.plan import ReleasePlan
+from agent.ota.plan import PlannedBundle, PlannedFile, ReleasePlan
 from agent.ota.runner import DeviceController, Outcome, RecordStore, UpdateRunner
 from agent.ota.slots import SlotManager
 from agent.ota.store import BlobStore
@@ -582,3 +583,46 @@ class SimDevice:
             for p in sorted(root.rglob("*"))
             if p.is_file()
         }
+
+
+def _from_offset(data: bytes, offset: int) -> Iterator[bytes]:
+    yield data[offset:]
+
+
+def plan_from_bundle(
+    directory: Path,
+    *,
+    counter: int = 1,
+    adapter_dir: Path | None = None,
+    group: str = "lab",
+    channel: str = "stable",
+    store: BlobStore | None = None,
+) -> ReleasePlan:
+    """Return the plan a device would verify for the bundle(s) on disk; fill ``store`` too."""
+
+    def planned(bundle_dir: Path, release_counter: int | None) -> PlannedBundle:
+        raw = (bundle_dir / MANIFEST_NAME).read_bytes()
+        manifest = BundleManifest.model_validate_json(raw)
+        files = []
+        for path in [MANIFEST_NAME, *(f.path for f in manifest.files)]:
+            data = (bundle_dir / path).read_bytes()
+            sha256 = hashlib.sha256(data).hexdigest()
+            target = bundle_target_path(manifest.kind, manifest.name, manifest.version, path)
+            files.append(
+                PlannedFile(
+                    path=path, target_path=target, url_path=target, sha256=sha256, size=len(data)
+                )
+            )
+            if store is not None:
+                store.ingest(sha256, len(data), partial(_from_offset, data))
+        return PlannedBundle(
+            ref=ref_of(manifest), manifest=manifest, release_counter=release_counter, files=files
+        )
+
+    return ReleasePlan(
+        group=group,
+        channel=channel,
+        timestamp_version=1,
+        base=planned(directory, counter),
+        adapter=planned(adapter_dir, None) if adapter_dir else None,
+    )

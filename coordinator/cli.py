@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from coordinator.demo import DEFAULT_PROMPT
 from coordinator.models.cli import model_app
 from coordinator.repository.cli import keys_app, release_app
 from coordinator.schema_cmd import schema
@@ -31,6 +35,38 @@ def version() -> None:
 
 
 app.command("schema")(schema)
+
+
+@app.command("demo")
+def demo(
+    agents: Annotated[int, typer.Option(min=1, max=8, help="Device agents to start.")] = 3,
+    prompt: Annotated[str, typer.Option(help="What to ask the first agent.")] = DEFAULT_PROMPT,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1024, help="Answer length limit.")] = 96,
+    exit_after: Annotated[
+        bool, typer.Option("--exit", help="Stop the fleet after the script instead of waiting.")
+    ] = False,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep the agents' state here (default: a temporary directory)."),
+    ] = None,
+) -> None:
+    """Run a local fleet on embedded defaults: build the model, start agents, chat."""
+    from rich.console import Console
+
+    from coordinator.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(
+            agents=agents,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            keep_running=not exit_after,
+            work_dir=work_dir,
+            console=Console(),
+        )
+    )
+
+
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(release_app, name="release")

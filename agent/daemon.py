@@ -9,6 +9,10 @@ Invariants:
   and the sockets listen. ``WATCHDOG=1`` is sent from the event loop at half of
   ``WATCHDOG_USEC``, and only while no generation has gone without progress for longer than
   ``scheduler.engine_stall_max_s``: a hung engine stops the pings, and systemd restarts it.
+- A notification never blocks the event loop for long: a watchdog ping that finds the
+  manager's queue full is dropped (the queue already holds unread pings), and a state change
+  waits at most :data:`NOTIFY_TIMEOUT_S`. A manager that stops reading must not freeze the
+  server or its drain.
 - On SIGTERM: ``STOPPING=1``, no new connections or requests, admitted requests finish
   within ``server.drain_timeout_s`` (then they are cancelled), exit 0.
 - Logs are JSON lines on stdout (journald keeps them), one object per event.
@@ -49,6 +53,9 @@ TOKEN_MIN_CHARS = 32
 TOKEN_FILE_MAX_BYTES = 4096
 #: The prompt of the smoke generation that gates READY=1.
 SMOKE_PROMPT = "Hello"
+#: How long a state notification (READY=1, STOPPING=1) may wait for room in the service
+#: manager's queue, blocking the event loop meanwhile.
+NOTIFY_TIMEOUT_S = 2.0
 
 #: LogRecord attributes that are not ``extra`` fields (uvicorn's color_message is noise).
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({})).keys()) | {
@@ -255,9 +262,9 @@ async def _serve(
 
     def on_sigterm() -> None:
         log.info("SIGTERM: draining", extra={"event": "draining"})
-        sdnotify.notify("STOPPING=1")
         scheduler.close_admission()
         server.should_exit = True
+        _notify_state("STOPPING=1")
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     loop.add_signal_handler(signal.SIGINT, on_sigterm)
@@ -266,7 +273,7 @@ async def _serve(
     await asyncio.wait({serving, listening}, return_when=asyncio.FIRST_COMPLETED)
     if listening.done():
         state.ready.set()
-        sdnotify.notify("READY=1")
+        _notify_state("READY=1")
         log.info(
             "serving",
             extra={
@@ -288,20 +295,41 @@ async def _serve(
         await asyncio.to_thread(scheduler.shutdown)
 
 
+def _notify_state(state: str) -> None:
+    """Tell the service manager ``state``; a failure is logged, the daemon goes on."""
+    try:
+        sdnotify.notify(state, timeout_s=NOTIFY_TIMEOUT_S)
+    except OSError as e:
+        log.error(
+            f"cannot notify the service manager of {state}: {e}",
+            extra={"event": "notify_error", "state": state},
+        )
+
+
 async def _watchdog(scheduler: Scheduler, stall_max_s: float) -> None:
     interval = sdnotify.watchdog_interval_s()
     if interval is None:
         return
-    warned = False
+    stall_warned = dropped = False
     while True:
         stalled = scheduler.stalled_s(time.monotonic())
         if stalled <= stall_max_s:
-            sdnotify.notify("WATCHDOG=1")
-            warned = False
-        elif not warned:
+            stall_warned = False
+            try:
+                sdnotify.notify("WATCHDOG=1", timeout_s=0)
+            except BlockingIOError:
+                if not dropped:
+                    log.warning(
+                        "the service manager's queue is full; dropping watchdog pings",
+                        extra={"event": "watchdog_dropped"},
+                    )
+                dropped = True
+            else:
+                dropped = False
+        elif not stall_warned:
             log.error(
                 "the engine made no progress; withholding the watchdog ping",
                 extra={"event": "engine_stalled", "stalled_s": round(stalled, 1)},
             )
-            warned = True
+            stall_warned = True
         await asyncio.sleep(interval)

@@ -11,11 +11,16 @@ import os
 import socket
 
 
-def notify(state: str) -> bool:
+def notify(state: str, *, timeout_s: float | None = None) -> bool:
     """Send ``state`` (e.g. ``"READY=1"``) to systemd; False when there is no notify socket.
 
+    A datagram waits while the manager's receive queue is full: at most ``timeout_s``
+    seconds (0: not at all), forever when None.
+
     Raises:
-        OSError: the notify socket exists but the datagram could not be sent.
+        OSError: the notify socket exists but the datagram could not be sent (a full queue
+            is :class:`BlockingIOError` with ``timeout_s=0``, :class:`TimeoutError` after
+            ``timeout_s``).
     """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -23,7 +28,9 @@ def notify(state: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(state.encode(), address)
+        sock.settimeout(timeout_s)
+        sock.connect(address)  # connected, a wait for room sleeps on the manager's queue
+        sock.send(state.encode())
     return True
 
 

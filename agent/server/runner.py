@@ -197,8 +197,12 @@ class Scheduler:
         return True
 
     def shutdown(self) -> None:
-        """Cancel whatever still runs and stop the worker threads (waits for them)."""
-        for slot in self._slots.values():
+        """Cancel whatever still runs and stop the worker threads (waits for them).
+
+        The one method that may run off the event loop (it blocks): it reads a snapshot of
+        the slots, which the loop may be releasing meanwhile.
+        """
+        for slot in list(self._slots.values()):
             slot.cancel.set()
         self.executor.shutdown(wait=True)
 

@@ -223,8 +223,10 @@ def test_a_malformed_payload_is_dropped_and_counted(
         dev.publish(topics.device_heartbeat(DEVICE_A), _heartbeat(now))  # after the bad ones
         ingestor.sync()
         stats = ingestor.stats()
-    assert stats.malformed == {"topic": 0, "too_large": 0, "invalid": 3}
-    assert stats.results[Ingest.APPLIED] == 1
+    # QoS 1 is at least once: a PUBACK lost under load makes the broker send a copy again.
+    assert stats.malformed["topic"] == stats.malformed["too_large"] == 0
+    assert stats.malformed["invalid"] >= 3
+    assert stats.results[Ingest.APPLIED] >= 1
     assert stats.dropped_batches == 0
     assert registry.get_device(DEVICE_A).last_seen is not None
     assert registry.get_device(DEVICE_A).status_at is None  # the bad status never landed

@@ -341,6 +341,9 @@ def _plan(
         where = "prompt"
         asked = req.max_tokens
     ids = engine.encode(prompt)
+    if not ids:
+        # The model needs at least one token to condition on; an empty prompt has none.
+        raise RequestError(f"{where} encodes to no tokens; give at least one", param=where)
     context = engine.context_length
     if len(ids) >= context:
         raise ContextLengthError(
@@ -601,7 +604,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_routes(app: FastAPI, state: ServerState, metrics: ServerMetrics) -> None:
     chat_body = _request_body("ChatCompletionRequest")
     completion_body = _request_body("CompletionRequest")
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # Before OpenAPI 3.2 the schema of an event stream describes one event.
+    sse = {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": "One server-sent event: `data` is a JSON-encoded chunk "
+                "(ChatCompletionChunk or CompletionChunk), or `[DONE]` at the end.",
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                "required": ["data"],
+            }
+        }
+    }
 
     @app.post(
         "/v1/chat/completions",

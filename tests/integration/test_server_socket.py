@@ -360,6 +360,7 @@ BAD_REQUESTS: list[tuple[str, tuple[str, str, bytes, dict[str, str]], int, str |
     ),
     ("unknown model", js({"messages": [U], "model": "gpt-9"}), 400, "model"),
     ("completion prompt missing", js({"max_tokens": 2}, "/v1/completions"), 400, "prompt"),
+    ("completion prompt empty", js({"prompt": ""}, "/v1/completions"), 400, "prompt"),
     ("completion echo", js({"prompt": "a", "echo": True}, "/v1/completions"), 400, "echo"),
     ("completion prompt list", js({"prompt": ["a", "b"]}, "/v1/completions"), 400, "prompt"),
     ("oversize body", raw(b'{"messages": "' + b"x" * 300_000 + b'"}'), 413, None),

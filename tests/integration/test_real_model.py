@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("torch", "transformers", "onnxruntime_genai", "llama_cpp", "llm")
 HEALTH_PROMPT = "Give me three tips for staying healthy."
 #: Top-1 agreement with the float32 reference the shipped graph must keep on FIDELITY_TEXT.
-TOP1_MIN = 0.95
-#: A greedy token may differ from the reference's best by at most this many logits.
-TIE_LOGITS = 0.1
+TOP1_MIN = 0.97
+#: Greedy tokens that must equal the reference's greedy tokens.
+GREEDY_EQUAL_MIN = 16
 
 FIDELITY_TEXT = [
     ("system", "You are a helpful assistant for people who look after small gardens."),
@@ -71,9 +71,6 @@ def test_fidelity_against_the_numpy_reference(
     agreement = float((ours.argmax(-1) == ref.argmax(-1)).mean())
     print(f"tokens {len(ids)}: mean KL {kl.mean():.5f}, top-1 agreement {agreement:.4f}")
     assert kl.mean() <= 0.01
-    # The float32 reference keeps activations at full precision; the shipped graph (like
-    # llama.cpp) rounds them to 8 bits per block, which decides near-ties the other way at
-    # a few positions of this text (benchmarks/inference.py compares both engines).
     assert agreement >= TOP1_MIN
 
 
@@ -83,13 +80,12 @@ def test_greedy_answer_follows_the_reference(
     ids = engine.encode(engine.render_chat([("user", HEALTH_PROMPT)]))
     gen = engine.generate(ids, SamplingParams(max_tokens=48))
     text = "".join(gen)
-    # Teacher-forced on our tokens: each of the first 16 is the reference's best choice,
-    # or within TIE_LOGITS of it where the reference itself is at a near-tie.
-    logits = real_reference.forward(ids + gen.token_ids[:16]).logits[len(ids) - 1 :]
-    pairs = zip(logits[:16], gen.token_ids[:16], strict=True)
-    gaps = [float(row.max() - row[tok]) for row, tok in pairs]
-    print("greedy gaps to the reference's best:", [round(g, 3) for g in gaps])
-    assert max(gaps) <= TIE_LOGITS
+    # Teacher-forced on our tokens: when each of the first N is the reference's best choice
+    # after our own prefix, the reference's greedy run produces the same N tokens.
+    n = GREEDY_EQUAL_MIN
+    logits = real_reference.forward(ids + gen.token_ids[:n]).logits[len(ids) - 1 :]
+    best = [int(row.argmax()) for row in logits[:n]]
+    assert gen.token_ids[:n] == best, (gen.token_ids[:n], best)
     assert "1." in text
     assert "water" in text.lower() or "hydrat" in text.lower()
 

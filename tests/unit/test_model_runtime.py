@@ -20,6 +20,8 @@ from agent.runtime import (
     load_adapter,
     save_adapter,
 )
+from coordinator.models.build import build_gguf
+from coordinator.models.graph import GraphOptions
 from coordinator.models.reference import KVCache, ReferenceModel
 from tests.support.model_fixtures import TinyModel
 
@@ -357,3 +359,29 @@ def test_generate_cli_reports_an_altered_model(tiny_model_dir: Path, tmp_path: P
     assert result.exit_code == 66
     assert "model.onnx.data has 0 bytes" in result.output
     assert "Traceback" not in result.output
+
+
+def test_rescored_top_k_logits_are_exact_on_the_int8_path(
+    tmp_path: Path, tiny_model: TinyModel, prompt_ids: list[int]
+) -> None:
+    """With int8 activations everywhere except the rescoring, the k best logits of every
+    position equal the float32 LM head applied to the graph's own hidden states; the rest
+    stay approximate. Without rescoring the same positions differ."""
+    k = 4
+    models = {}
+    for rescore in (0, k):
+        options = GraphOptions(accuracy_level=4, exact=(), rescore_top_k=rescore)
+        out = tmp_path / f"rescore-{rescore}"
+        build_gguf(tiny_model.gguf, out, name="tiny-llama", options=options)
+        models[rescore] = Engine.load(out, threads=1).forward(prompt_ids)
+    head = ReferenceModel(tiny_model.gguf).w["token_embd.weight"]
+    for rescore, forward in models.items():
+        exact = forward.hidden_states.astype(np.float64) @ head.T.astype(np.float64)
+        top = np.argsort(forward.logits, axis=-1)[:, -k:]
+        ours = np.take_along_axis(forward.logits, top, axis=-1)
+        want = np.take_along_axis(exact, top, axis=-1)
+        error = float(np.abs(ours - want).max())
+        if rescore:
+            assert error <= 1e-4 * float(np.abs(want).max()), error
+        else:
+            assert error > 1e-3 * float(np.abs(want).max()), error

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +27,8 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError
+from agent.ota.health import HealthPolicy
+from protocol.topics import check_segment
 
 #: A config file larger than this is refused before it is parsed.
 CONFIG_FILE_MAX_BYTES = 1 << 20
@@ -124,6 +126,117 @@ class LogSettings(BaseModel):
     level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
 
+class OtaSettings(BaseModel):
+    """Signed updates: where the TUF repository is, what this device follows, the gate."""
+
+    model_config = _Frozen
+
+    #: Durable state: TUF metadata cache, blob store, model slots, the update record.
+    state_dir: Path
+    #: The root metadata pinned at provisioning (the only source of trust).
+    root_file: Path
+    #: Base URL of the repository (``metadata/`` and ``targets/`` below it).
+    repository_url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://")]
+    group: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
+    channel: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")] = (
+        "stable"
+    )
+    #: Check the repository this often even without an announcement (0: only on hints).
+    poll_interval_s: Annotated[float, Field(ge=0, le=86400)] = 600.0
+    #: A download slower than this on average is cut and resumed later.
+    min_rate_bytes_s: Annotated[int, Field(ge=1, le=1 << 30)] = 16 * 1024
+    health: HealthPolicy = HealthPolicy()
+
+
+def _segment(what: str) -> AfterValidator:
+    return AfterValidator(lambda value: check_segment(value, what))
+
+
+#: A device follows at most this many groups (the broker's ACL allows as many).
+MQTT_GROUPS_MAX = 32
+#: And at most this many release channels in each.
+MQTT_CHANNELS_MAX = 8
+
+
+class MqttSettings(BaseModel):
+    """The MQTT link to the fleet's broker (:mod:`agent.mqtt`).
+
+    Under mTLS (``ca_file``, ``cert_file``, ``key_file``, all three) the broker takes the
+    certificate's common name as the identity its ACLs key on, and the link refuses to start
+    unless that name is ``device_id``. Without them the link speaks plain MQTT, which is
+    allowed only to a loopback broker (the embedded default).
+    """
+
+    model_config = _Frozen
+
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    #: This device's id: its certificate's CN and its topic segment.
+    device_id: Annotated[str, _segment("device_id")]
+    #: Groups whose announcements (and round invitations) this device follows.
+    groups: Annotated[
+        tuple[Annotated[str, _segment("group")], ...],
+        Field(min_length=1, max_length=MQTT_GROUPS_MAX),
+    ]
+    #: Release channels followed in every group.
+    channels: Annotated[
+        tuple[Annotated[str, _segment("channel")], ...],
+        Field(min_length=1, max_length=MQTT_CHANNELS_MAX),
+    ] = ("stable",)
+    #: Follow the groups' round invitations too (federated personalization).
+    follow_rounds: bool = True
+    #: The fleet CA (PEM) that signed the broker's certificate.
+    ca_file: Path | None = None
+    #: This device's certificate and key (PEM).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=600)] = 60
+    #: How long the broker keeps this device's session (subscriptions, queued messages).
+    session_expiry_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 7 * 86400
+    heartbeat_interval_s: Annotated[float, Field(ge=0.2, le=3600)] = 60.0
+    #: TCP connect plus TLS handshake, per attempt.
+    connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    #: Reconnect backoff: attempt n waits a random time in [min, min(max, min * 2**(n+1))].
+    reconnect_min_s: Annotated[float, Field(ge=0.05, le=600)] = 1.0
+    reconnect_max_s: Annotated[float, Field(ge=0.05, le=3600)] = 120.0
+    #: Received announcements and invitations waiting for the daemon; the oldest is dropped.
+    event_queue_length_max: Annotated[int, Field(ge=1, le=4096)] = 64
+    #: Update progress messages held while the broker is away; the oldest is dropped.
+    outbox_length_max: Annotated[int, Field(ge=1, le=4096)] = 256
+    #: On stop, how long to wait for the broker to take the "offline" status.
+    stop_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        duplicates = sorted({g for g in self.groups if self.groups.count(g) > 1})
+        duplicates += sorted({c for c in self.channels if self.channels.count(c) > 1})
+        if duplicates:
+            raise ValueError(f"groups and channels must not repeat a name: {duplicates}")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s:g}) exceeds reconnect_max_s "
+                f"({self.reconnect_max_s:g})"
+            )
+        files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        missing = [name for name, path in files.items() if path is None]
+        if missing and len(missing) < len(files):
+            raise ValueError(
+                f"ca_file, cert_file and key_file go together for mTLS; missing: "
+                f"{', '.join(missing)}"
+            )
+        if missing and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: plain MQTT is only for a "
+                "broker on this machine; set ca_file, cert_file and key_file for mTLS"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """True when the link uses mTLS."""
+        return self.ca_file is not None
+
+
 class AgentSettings(BaseSettings):
     """Everything the agent is told by its operator."""
 
@@ -138,6 +251,8 @@ class AgentSettings(BaseSettings):
     model: ModelSettings
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
+    ota: OtaSettings | None = None
+    mqtt: MqttSettings | None = None
 
     @classmethod
     def settings_customise_sources(

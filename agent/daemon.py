@@ -120,15 +120,24 @@ def read_token(path: Path) -> str:
 
 
 def load_engine(settings: AgentSettings) -> Any:
-    """Load the configured model and check it answers one token.
+    """Load the model to serve and check it answers one token: the committed update slot
+    when signed updates are on and one was committed, else ``model.dir``.
 
     Raises:
         ModelError: the model directory is refused or the smoke generation fails.
     """
-    from agent.runtime import Engine, SamplingParams
+    from agent.runtime import SamplingParams
+    from agent.runtime.served import load_served
 
-    engine = Engine.load(
-        settings.model.dir, threads=settings.model.threads, verify=settings.model.verify
+    base_dir, adapter_dir = settings.model.dir, None
+    if settings.ota is not None:
+        from agent.ota.service import committed_dirs
+
+        committed = committed_dirs(settings.ota.state_dir)
+        if committed is not None:
+            base_dir, adapter_dir = committed
+    engine = load_served(
+        base_dir, adapter_dir, threads=settings.model.threads, verify=settings.model.verify
     )
     try:
         generation = engine.generate(
@@ -175,6 +184,10 @@ def run(config_path: Path | None) -> int:
             if settings.server.tcp_token_file is not None
             else None
         )
+        if settings.ota is not None:
+            from agent.ota.service import read_root
+
+            read_root(settings.ota.root_file)
     except ConfigError as e:
         log.error(str(e), extra={"event": "config_error", "exit": int(ExitCode.CONFIG)})
         print(f"nanofleet-agent: {e}", file=sys.stderr)
@@ -248,6 +261,7 @@ async def _serve(
         tcp_token=token,
     )
     app = create_app(state)
+    updates = _update_service(settings, state.holder)
     config = uvicorn.Config(
         app,
         http=PeerAwareProtocol,
@@ -287,10 +301,14 @@ async def _serve(
     else:
         listening.cancel()
     watchdog = asyncio.create_task(_watchdog(scheduler, sched.engine_stall_max_s))
+    if updates is not None and listening.done():
+        updates.start()
     try:
         await serving
     finally:
         watchdog.cancel()
+        if updates is not None:
+            await asyncio.to_thread(updates.stop)
         state.ready.clear()
         await asyncio.to_thread(scheduler.shutdown)
 
@@ -304,6 +322,29 @@ def _notify_state(state: str) -> None:
             f"cannot notify the service manager of {state}: {e}",
             extra={"event": "notify_error", "state": state},
         )
+
+
+def _update_service(settings: AgentSettings, holder: ModelHolder[Any]) -> Any:
+    """The signed-update service when ``[ota]`` is configured (started once serving)."""
+    if settings.ota is None:
+        return None
+    from agent.ota.live import LiveActivator
+    from agent.ota.service import UpdateService
+
+    activator = LiveActivator(
+        holder,
+        socket_path=settings.server.socket_path,
+        policy=settings.ota.health,
+        threads=settings.model.threads,
+    )
+    return UpdateService(settings.ota, activator, _log_progress)
+
+
+def _log_progress(progress: Any) -> None:
+    log.info(
+        "update progress",
+        extra={"event": "update_progress", "progress": progress.model_dump(mode="json")},
+    )
 
 
 async def _watchdog(scheduler: Scheduler, stall_max_s: float) -> None:

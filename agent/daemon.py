@@ -28,6 +28,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +189,10 @@ def run(config_path: Path | None) -> int:
             from agent.ota.service import read_root
 
             read_root(settings.ota.root_file)
+        if settings.mqtt is not None and settings.mqtt.tls:
+            from agent.mqtt.link import tls_context
+
+            tls_context(settings.mqtt)
     except ConfigError as e:
         log.error(str(e), extra={"event": "config_error", "exit": int(ExitCode.CONFIG)})
         print(f"nanofleet-agent: {e}", file=sys.stderr)
@@ -261,7 +266,8 @@ async def _serve(
         tcp_token=token,
     )
     app = create_app(state)
-    updates = _update_service(settings, state.holder)
+    link = _device_link(settings, state.holder, engine)
+    updates = _update_service(settings, state.holder, link)
     config = uvicorn.Config(
         app,
         http=PeerAwareProtocol,
@@ -301,14 +307,24 @@ async def _serve(
     else:
         listening.cancel()
     watchdog = asyncio.create_task(_watchdog(scheduler, sched.engine_stall_max_s))
-    if updates is not None and listening.done():
-        updates.start()
+    hints = None
+    if listening.done():
+        if updates is not None:
+            updates.start()
+        if link is not None:
+            link.start()
+            hints = _HintDispatcher(link, updates)
+            hints.start()
     try:
         await serving
     finally:
         watchdog.cancel()
+        if hints is not None:
+            await asyncio.to_thread(hints.stop)
         if updates is not None:
             await asyncio.to_thread(updates.stop)
+        if link is not None:
+            await asyncio.to_thread(link.stop)
         state.ready.clear()
         await asyncio.to_thread(scheduler.shutdown)
 
@@ -324,12 +340,17 @@ def _notify_state(state: str) -> None:
         )
 
 
-def _update_service(settings: AgentSettings, holder: ModelHolder[Any]) -> Any:
-    """The signed-update service when ``[ota]`` is configured (started once serving)."""
+def _update_service(settings: AgentSettings, holder: ModelHolder[Any], link: Any) -> Any:
+    """The signed-update service when ``[ota]`` is configured (started once serving).
+
+    Every progress message is logged and, with ``[mqtt]``, published; an update that ends
+    (committed, rolled back, failed) also makes the link publish a fresh status.
+    """
     if settings.ota is None:
         return None
     from agent.ota.live import LiveActivator
     from agent.ota.service import UpdateService
+    from protocol.messages import UpdateState
 
     activator = LiveActivator(
         holder,
@@ -337,7 +358,16 @@ def _update_service(settings: AgentSettings, holder: ModelHolder[Any]) -> Any:
         policy=settings.ota.health,
         threads=settings.model.threads,
     )
-    return UpdateService(settings.ota, activator, _log_progress)
+    endings = {UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.FAILED}
+
+    def report(progress: Any) -> None:
+        _log_progress(progress)
+        if link is not None:
+            link.publish_progress(progress)
+            if progress.state in endings:
+                link.status_changed()
+
+    return UpdateService(settings.ota, activator, report)
 
 
 def _log_progress(progress: Any) -> None:
@@ -345,6 +375,109 @@ def _log_progress(progress: Any) -> None:
         "update progress",
         extra={"event": "update_progress", "progress": progress.model_dump(mode="json")},
     )
+
+
+def _device_link(settings: AgentSettings, holder: ModelHolder[Any], factory: Any) -> Any:
+    """The MQTT link when ``[mqtt]`` is configured (started once serving).
+
+    Raises:
+        ConfigError: the TLS files cannot be loaded or the certificate is not the device's.
+    """
+    if settings.mqtt is None:
+        return None
+    from agent.mqtt import DeviceLink
+
+    return DeviceLink(settings.mqtt, _StatusSource(settings, holder, factory))
+
+
+class _StatusSource:
+    """The device's state for the MQTT link (called from the link's worker thread).
+
+    The base, adapter and slot reported are those of the committed update slot, which is
+    what a restart would serve; before any update they are the model ``model.dir`` loaded
+    at start, reported as slot B (the first update stages into slot A).
+    """
+
+    def __init__(self, settings: AgentSettings, holder: ModelHolder[Any], factory: Any) -> None:
+        from protocol.messages import BundleRef
+
+        self._settings = settings
+        self._holder = holder
+        self._started = time.monotonic()
+        self._factory = BundleRef(
+            name=factory.manifest.name, version=factory.manifest.version, sha256=factory.bundle_hash
+        )
+        ota = settings.ota
+        self._disk_path = ota.state_dir if ota is not None else settings.server.socket_path.parent
+
+    def __call__(self) -> Any:
+        import os
+        import shutil
+
+        from agent import __version__
+        from agent.mqtt import DeviceState
+        from protocol.messages import Health, Slot
+
+        committed = None
+        if self._settings.ota is not None:
+            from agent.ota.slots import SlotManager
+
+            committed = SlotManager(self._settings.ota.state_dir / "slots").current()
+        try:
+            free = shutil.disk_usage(self._disk_path).free
+        except OSError:
+            free = 0
+        return DeviceState(
+            agent_version=__version__,
+            health=Health.HEALTHY,
+            base=committed.base if committed else self._factory,
+            adapter=committed.adapter if committed else None,
+            slot=committed.slot if committed else Slot.B,
+            uptime_s=int(time.monotonic() - self._started),
+            load_1m=min(os.getloadavg()[0], 10000.0),
+            free_disk_bytes=free,
+        )
+
+
+class _HintDispatcher:
+    """Takes the link's events off its queue (a thread of its own, never paho's) and
+    hands release announcements to the update service as hints."""
+
+    def __init__(self, link: Any, updates: Any) -> None:
+        self._link = link
+        self._updates = updates
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nanofleet-hints", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        from agent.mqtt import AnnouncementReceived
+
+        while not self._stop.is_set():
+            event = self._link.events.get(timeout_s=0.5)
+            if event is None:
+                continue
+            if isinstance(event, AnnouncementReceived):
+                log.info(
+                    "release announced",
+                    extra={
+                        "event": "announcement",
+                        "group": event.announcement.group,
+                        "channel": event.announcement.channel,
+                        "timestamp_version": event.announcement.timestamp_version,
+                        "retained": event.retained,
+                    },
+                )
+                if self._updates is not None:
+                    self._updates.announce(event.announcement)
+            else:
+                log.info("round invitation received (not handled here)")
 
 
 async def _watchdog(scheduler: Scheduler, stall_max_s: float) -> None:

@@ -3,12 +3,10 @@
 - Reconnect backoff with per-device jitter (:func:`reconnect_delay`, :class:`Backoff`): a
   fleet whose broker restarts must not come back in lockstep. paho's own backoff doubles
   a fixed delay without jitter; the link replaces each of its waits with one from here.
-- The outbox policy (:func:`outbox_verdict`): what to do with an outgoing message given
-  the connection. A status or a heartbeat made while the broker is away is stale by the
-  time it returns (the link publishes a fresh status on every connect); update progress
-  is history the coordinator needs, so it is held, bounded, and sent in order.
-- The worker schedule (:class:`Schedule`): the status right after each connect, then a
-  heartbeat every interval while connected, nothing while disconnected.
+- The worker schedule (:class:`Schedule`): the status right after each connect (and after
+  each change the daemon signals), then a heartbeat every interval while connected,
+  nothing while disconnected. A status or a heartbeat is never queued while the broker is
+  away: it would be stale by the time it returns, and a fresh status goes on every connect.
 """
 
 from __future__ import annotations
@@ -60,35 +58,6 @@ class Backoff:
         self.attempt = 0
 
 
-class Outgoing(Enum):
-    """What the link publishes."""
-
-    STATUS = "status"
-    HEARTBEAT = "heartbeat"
-    PROGRESS = "progress"
-
-
-class Verdict(Enum):
-    """What to do with one outgoing message now."""
-
-    SEND = "send"
-    HOLD = "hold"
-    """Keep it in the outbox; it is sent, in order, once connected."""
-    DROP = "drop"
-
-
-def outbox_verdict(kind: Outgoing, *, connected: bool, held: int) -> Verdict:
-    """Decide for a message of ``kind`` with ``held`` messages already in the outbox.
-
-    Progress is held while disconnected, and also while older progress waits to be
-    flushed (so it never overtakes it); status and heartbeats are sent when connected and
-    dropped otherwise.
-    """
-    if kind is Outgoing.PROGRESS:
-        return Verdict.SEND if connected and held == 0 else Verdict.HOLD
-    return Verdict.SEND if connected else Verdict.DROP
-
-
 class Task(Enum):
     """Work the link's worker thread does."""
 
@@ -127,6 +96,10 @@ class Schedule:
     def on_held(self) -> None:
         """A message went to the outbox: flush it as soon as connected."""
         self._flush_due = True
+
+    def on_changed(self) -> None:
+        """The device's state changed: publish a fresh status as soon as connected."""
+        self._online_due = True
 
     def take(self, now: float) -> list[Task]:
         """The tasks due at ``now``, in order; each is handed out once."""

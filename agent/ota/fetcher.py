@@ -131,6 +131,7 @@ class HttpFetcher(FetcherInterface):
         resumes = 0
         while True:
             response = self._request(url, offset, transfer)
+            complete = False
             try:
                 skip, total = self._check_response(url, response, offset, total)
                 try:
@@ -148,8 +149,13 @@ class HttpFetcher(FetcherInterface):
                     raise exceptions.DownloadError(
                         f"{url}: body ended at byte {start + transfer.received} of {total}"
                     )
+                complete = True
                 return
             finally:
+                if not complete:
+                    # Unread bytes (an error page, a refused or abandoned body) would be
+                    # taken as the next response on a reused connection: close it instead.
+                    response.close()
                 response.release_conn()
 
     def _request(self, url: str, offset: int, transfer: _Transfer) -> urllib3.BaseHTTPResponse:

@@ -9,8 +9,14 @@ The new model passes when, over ``HealthPolicy.requests`` smoke requests:
 
 - every request succeeded and produced well-formed text (non-empty, not one character
   repeated, not mostly the Unicode replacement character);
-- its median first-token latency is at most ``first_token_ratio_max`` times the old one's;
-- its median decode rate is at least ``tokens_per_s_ratio_min`` times the old one's.
+- its median first-token latency is at most ``first_token_ratio_max`` times the old one's,
+  plus ``first_token_slack_s``;
+- its median time per token is at most the old one's divided by ``tokens_per_s_ratio_min``
+  (its decode rate at least that share of the old one's), plus ``token_time_slack_s``.
+
+The slacks keep a model whose timings are tiny (sub-millisecond tokens) from being judged
+on timer noise: a ratio alone rolled back good models whose tokens took 0.2 ms instead of
+0.07 ms on a busy machine.
 
 A device without a baseline (its first model) is judged on the first rule only.
 """
@@ -41,8 +47,12 @@ class HealthPolicy(BaseModel):
     max_tokens: int = Field(default=24, ge=2, le=512)
     #: The new model's median first-token latency may be this many times the old one's.
     first_token_ratio_max: float = Field(default=2.0, gt=1.0, le=100.0)
+    #: Added to the allowed first-token latency (seconds).
+    first_token_slack_s: float = Field(default=0.05, ge=0.0, le=60.0)
     #: The new model's median decode rate must be at least this share of the old one's.
     tokens_per_s_ratio_min: float = Field(default=0.5, gt=0.0, lt=1.0)
+    #: Added to the allowed time per token (seconds).
+    token_time_slack_s: float = Field(default=0.002, ge=0.0, le=10.0)
     #: One smoke request may take this long.
     request_timeout_s: float = Field(default=60.0, gt=0, le=600)
 
@@ -90,16 +100,21 @@ def judge(policy: HealthPolicy, baseline: list[Sample], candidate: list[Sample])
         return None
     old_first = median(s.first_token_s for s in base)
     new_first = median(s.first_token_s for s in candidate)
-    if old_first > 0 and new_first > policy.first_token_ratio_max * old_first:
+    allowed_first = policy.first_token_ratio_max * old_first + policy.first_token_slack_s
+    if new_first > allowed_first:
         return (
-            f"first-token latency {new_first * 1000:.0f} ms is over "
-            f"{policy.first_token_ratio_max:g}x the previous model's {old_first * 1000:.0f} ms"
+            f"first-token latency {new_first * 1000:.1f} ms is over the "
+            f"{allowed_first * 1000:.1f} ms allowed ({policy.first_token_ratio_max:g}x the "
+            f"previous model's {old_first * 1000:.1f} ms plus the slack)"
         )
     old_rate = median(s.tokens_per_s for s in base)
     new_rate = median(s.tokens_per_s for s in candidate)
-    if old_rate > 0 and new_rate < policy.tokens_per_s_ratio_min * old_rate:
-        return (
-            f"decode rate {new_rate:.1f} tokens/s is under "
-            f"{policy.tokens_per_s_ratio_min:g}x the previous model's {old_rate:.1f} tokens/s"
-        )
+    if old_rate > 0:
+        allowed = 1.0 / (policy.tokens_per_s_ratio_min * old_rate) + policy.token_time_slack_s
+        if new_rate <= 0 or 1.0 / new_rate > allowed:
+            return (
+                f"decode rate {new_rate:.1f} tokens/s is under the {1.0 / allowed:.1f} "
+                f"tokens/s allowed ({policy.tokens_per_s_ratio_min:g}x the previous model's "
+                f"{old_rate:.1f} tokens/s less the slack)"
+            )
     return None

@@ -94,7 +94,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "factory": build_ota_model(work / "factory", seed=1),
         "v2": build_ota_model(work / "v2", seed=2),
         "nan": build_ota_model(work / "nan", seed=3, overflow=True),
-        "slow": build_ota_model(work / "slow", seed=4, layers=48),
+        "slow": build_ota_model(work / "slow", seed=4, layers=96),
     }
 
 

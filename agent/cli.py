@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from agent.enroll_cmd import enroll
 from agent.generate_cmd import generate
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ def run(
 
 
 app.command("generate")(generate)
+app.command("enroll")(enroll)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from coordinator.demo import DEFAULT_PROMPT
+from coordinator.device_cli import device_app
 from coordinator.models.cli import model_app
 from coordinator.repository.cli import keys_app, release_app
 from coordinator.schema_cmd import schema
@@ -70,6 +71,7 @@ def demo(
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(release_app, name="release")
+app.add_typer(device_app, name="device")
 
 
 def main() -> None:

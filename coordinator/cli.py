@@ -9,6 +9,7 @@ import typer
 
 from coordinator.demo import DEFAULT_PROMPT
 from coordinator.device_cli import device_app
+from coordinator.fleet_cli import devices_app, rollouts_app
 from coordinator.models.cli import model_app
 from coordinator.repository.cli import keys_app, release_app
 from coordinator.schema_cmd import schema
@@ -36,6 +37,19 @@ def version() -> None:
 
 
 app.command("schema")(schema)
+
+
+@app.command("serve")
+def serve(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML settings file (NANOFLEET_ variables override)."),
+    ] = None,
+) -> None:
+    """Run the coordinator: HTTP API, dashboard, repository, MQTT ingestion, rollouts."""
+    from coordinator.serve import serve_command
+
+    serve_command(config)
 
 
 @app.command("demo")
@@ -71,6 +85,8 @@ def demo(
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(release_app, name="release")
+app.add_typer(devices_app, name="devices")
+app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(device_app, name="device")
 
 

@@ -7,6 +7,8 @@ Layout (``{...}`` are single topic levels)::
     nanofleet/v1/devices/{device_id}/progress     UpdateProgress, not retained
     nanofleet/v1/groups/{group}/releases/{channel}  ReleaseAnnouncement, retained
     nanofleet/v1/groups/{group}/rounds            RoundInvitation, retained
+    nanofleet/v1/devices/{device_id}/releases     ReleaseAnnouncement to one device (a
+                                                  rollout wave), not retained
 
 Invariants:
 
@@ -95,6 +97,12 @@ def release_announcements(group: str, channel: str) -> str:
         f"{PREFIX}/groups/{check_segment(group, 'group')}"
         f"/releases/{check_segment(channel, 'channel')}"
     )
+
+
+def device_releases(device_id: str) -> str:
+    """Return the topic a rollout wave's announcement reaches one device on (only devices of
+    started waves are told; the device reads it under its own prefix). Raises TopicError."""
+    return f"{PREFIX}/devices/{check_segment(device_id, 'device_id')}/releases"
 
 
 def round_invitations(group: str) -> str:

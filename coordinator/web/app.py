@@ -51,6 +51,8 @@ class WebContext:
     metrics: CollectorRegistry
     health: Callable[[], Health]
     routers: Sequence[APIRouter] = field(default_factory=tuple)
+    #: Where the OpenAPI document of the routers is served (``None``: not served).
+    openapi_url: str | None = None
 
 
 #: Builds an extra router (operator API, dashboard) from the context.
@@ -59,7 +61,12 @@ RouterFactory = Callable[[WebContext], APIRouter]
 
 def create_app(context: WebContext) -> FastAPI:
     """Return the app; the health callable runs in a worker thread (it may query the DB)."""
-    app = FastAPI(title="nanofleet coordinator", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="nanofleet coordinator",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=context.openapi_url,
+    )
     app.state.context = context
     app.include_router(repo_files_router(context.repository_path), prefix=REPO_PREFIX)
 

@@ -1,0 +1,173 @@
+"""Provision, enroll, start: a new device joins the fleet with nothing but its enrollment file.
+
+The operator runs ``nanofleet device provision`` against the fleet CA (the test broker's),
+the release repository and the registry; the device runs ``nanofleet-agent enroll`` and
+then ``nanofleet-agent run`` on the installed settings. The agent connects to mosquitto
+under mTLS with the provisioned certificate, the coordinator's ingestion writes its status
+into the registry, and a release announced afterwards is verified against the pinned root,
+installed, and reported back. Nothing sleeps: every wait is on a condition.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli import app as agent_cli
+from coordinator import pki
+from coordinator.cli import app as nanofleet
+from coordinator.mqtt import BrokerOptions, Ingestor, TlsFiles
+from coordinator.mqtt.announce import Announcer
+from coordinator.registry import LivenessRule, Online, Registry, open_registry
+from protocol.messages import Health
+from tests.support.mosquitto import TlsBroker, tls_broker
+from tests.support.ota_fleet import ReleaseRepo, RepoServer
+from tests.support.ota_models import build_ota_model
+from tests.support.processes import ManagedProcess, notified
+
+pytestmark = pytest.mark.mosquitto
+
+DEVICE = "kiosk-0042"
+GROUP = "store-1"
+
+
+def wait_for(
+    cond: Callable[[], bool], what: str, context: Callable[[], str], timeout: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{context()}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def broker() -> Iterator[TlsBroker]:
+    # The broker's ACL names the device (the registry renders it in production); its
+    # certificate is the one provisioning issues, not the fixture's.
+    with tls_broker({DEVICE: (GROUP,)}) as b:
+        yield b
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
+    url = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    reg = open_registry(url)
+    try:
+        yield url, reg
+    finally:
+        reg.engine.dispose()
+
+
+def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
+    broker: TlsBroker, registry: tuple[str, Registry], tmp_path: Path
+) -> None:
+    url, reg = registry
+    factory = build_ota_model(tmp_path / "factory", seed=1)
+    v2 = build_ota_model(tmp_path / "v2", seed=2)
+    repo = ReleaseRepo(tmp_path)
+    ca = pki.write_credential(broker.ca, tmp_path, "fleet-ca")  # the operator's CA files
+    coordinator = broker.identities[pki.COORDINATOR_IDENTITY]
+    ingestor = Ingestor(
+        BrokerOptions(
+            broker.host,
+            broker.port,
+            tls=TlsFiles(broker.ca_file, coordinator.cert_file, coordinator.key_file),
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.5,
+        ),
+        reg.ingest,
+    )
+    ingestor.start()
+    sock = Path(f"/tmp/nf-enroll-{os.getpid()}-{tmp_path.name[-8:]}.sock")
+    try:
+        assert ingestor.link.wait_connected(10)
+        with RepoServer(repo.path) as server:
+            # Operator: one command makes the identity, settings and pinned root, and
+            # registers the device.
+            bundle = tmp_path / f"{DEVICE}.enroll"
+            result = CliRunner().invoke(
+                nanofleet,
+                [
+                    "device", "provision", "--id", DEVICE, "--group", GROUP,
+                    "--broker", f"{broker.host}:{broker.port}",
+                    "--repository-url", server.url,
+                    "--ca-cert", str(ca.certificate), "--ca-key", str(ca.key),
+                    "--repo", str(repo.path), "--model-dir", str(factory),
+                    "--socket-group", "", "--out", str(bundle), "--registry-url", url,
+                ],
+            )  # fmt: skip
+            assert result.exit_code == 0, result.output
+            assert reg.get_device(DEVICE).online is Online.UNKNOWN
+
+            # Device: enroll, then run on the installed settings.
+            dest = tmp_path / "etc-nanofleet"
+            result = CliRunner().invoke(agent_cli, ["enroll", str(bundle), "--dest", str(dest)])
+            assert result.exit_code == 0, result.output
+            agent = ManagedProcess(
+                [
+                    str(Path(sys.executable).with_name("nanofleet-agent")),
+                    "run", "--config", str(dest / "agent.toml"),
+                ],
+                notify=True,
+                name="enrolled-agent",
+                log_path=tmp_path / "agent.log",
+                env={
+                    # Where this test lets the agent write (the unit's directories in production).
+                    "NANOFLEET_SERVER__SOCKET_PATH": str(sock),
+                    "NANOFLEET_OTA__STATE_DIR": str(tmp_path / "state"),
+                    "NANOFLEET_OTA__POLL_INTERVAL_S": "0",
+                    "NANOFLEET_OTA__HEALTH__REQUESTS": "3",
+                    "NANOFLEET_OTA__HEALTH__MAX_TOKENS": "8",
+                    "NANOFLEET_MODEL__THREADS": "1",
+                    "NANOFLEET_MQTT__HEARTBEAT_INTERVAL_S": "1",
+                },
+            )  # fmt: skip
+            with agent:
+                agent.wait_ready(notified("READY=1"), timeout=60)
+
+                # The coordinator sees it: online and healthy in the registry.
+                def healthy() -> bool:
+                    # What the coordinator's liveness sweep does every few seconds.
+                    reg.sweep_liveness(ingestor.link_state(), LivenessRule(interval_s=1.0))
+                    device = reg.get_device(DEVICE)
+                    return device.online is Online.ONLINE and device.health is Health.HEALTHY
+
+                def context() -> str:
+                    return (
+                        f"registry: {reg.get_device(DEVICE)}\nagent log:\n{agent.log_tail(40)}"
+                        f"\nbroker log:\n{broker.log_tail(40)}"
+                    )
+
+                wait_for(healthy, "the device online and healthy in the registry", context)
+                device = reg.get_device(DEVICE)
+                assert device.groups == (GROUP,)
+                assert device.base is not None
+                factory_version = device.base.version
+
+                # A release announced afterwards is verified against the pinned root and
+                # installed; the registry learns the new base from the device's status.
+                ref = repo.publish(v2, GROUP, "stable")
+                assert ref.version != factory_version
+                Announcer(ingestor.link).announce(
+                    GROUP,
+                    "stable",
+                    repository_url=server.url,
+                    timestamp_version=repo.timestamp_version(),
+                )
+
+                def on_v2() -> bool:
+                    base = reg.get_device(DEVICE).base
+                    return base is not None and base.sha256 == ref.sha256
+
+                wait_for(on_v2, "the registry to show the device on the new release", context, 120)
+                assert agent.returncode is None
+    finally:
+        ingestor.stop()
+        sock.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from coordinator import pki
-from coordinator.errors import ConfigError, CoordinatorError
+from coordinator.errors import ConfigError, CoordinatorError, RefusedError
 from coordinator.provision import (
     MODEL_DIR,
     MQTT_TLS_PORT,
@@ -57,6 +57,32 @@ def _split_host_port(broker: str) -> tuple[str, int]:
     if not port.isdigit():
         raise ConfigError(f"--broker {broker!r}: the port after ':' is not a number")
     return host, int(port)
+
+
+@device_app.command("ca-init")
+def ca_init(
+    out: Annotated[Path, typer.Option("--out", help="Directory for ca.crt and ca.key.")],
+    name: Annotated[str, typer.Option(help="The CA's common name.")] = "nanofleet fleet CA",
+) -> None:
+    """Create the fleet CA (once): ca.crt for brokers and devices, ca.key (0600) to keep
+    offline, encrypted with NANOFLEET_CA_PASSPHRASE when it is set."""
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if (out / "ca.key").exists() or (out / "ca.crt").exists():
+            raise RefusedError(f"{out} already holds a CA; a fleet has one CA")
+        passphrase = os.environ.get(CA_PASSPHRASE_ENV)
+        ca = pki.create_ca(name)
+        pki.write_credential(ca, out, "ca", passphrase=passphrase.encode() if passphrase else None)
+    except ConfigError as e:
+        raise _fail(str(e), ExitCode.CONFIG) from None
+    except CoordinatorError as e:
+        raise _fail(str(e), ExitCode.BAD_INPUT) from None
+    except OSError as e:
+        raise _fail(f"cannot write {out}: {e.strerror}", ExitCode.STATE_CORRUPT) from None
+    typer.echo(
+        f"wrote {out / 'ca.crt'} and {out / 'ca.key'}"
+        + ("" if passphrase else f" (unencrypted: set {CA_PASSPHRASE_ENV} to encrypt it)")
+    )
 
 
 @device_app.command("provision")
@@ -136,6 +162,8 @@ def provision(
         host, port = _split_host_port(broker)
         passphrase = os.environ.get(CA_PASSPHRASE_ENV)
         try:
+            if not passphrase and b"ENCRYPTED" in ca_key.read_bytes()[:64]:
+                raise ConfigError(f"the CA key {ca_key} is encrypted: set {CA_PASSPHRASE_ENV}")
             ca = pki.load_credential(
                 ca_cert, ca_key, passphrase=passphrase.encode() if passphrase else None
             )

@@ -488,3 +488,31 @@ def test_enrollment_judges_the_file_alone_not_the_environment(
     bundle = tmp_path / "a.enroll"
     bundle.write_bytes(build(fleet))
     assert enroll(bundle, tmp_path / "nanofleet").device_id == DEVICE
+
+
+def test_cli_ca_init_writes_a_ca_once_that_provisioning_uses(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NANOFLEET_CA_PASSPHRASE", "ca passphrase")
+    ca_dir = tmp_path / "ca"
+    result = CliRunner().invoke(coordinator_app, ["device", "ca-init", "--out", str(ca_dir)])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((ca_dir / "ca.key").stat().st_mode) == 0o600
+    assert b"ENCRYPTED" in (ca_dir / "ca.key").read_bytes()
+    again = CliRunner().invoke(coordinator_app, ["device", "ca-init", "--out", str(ca_dir)])
+    assert again.exit_code == ExitCode.BAD_INPUT
+    assert "already holds a CA" in again.output
+    out = tmp_path / "d.enroll"
+    args = [
+        "device", "provision", "--id", DEVICE, "--broker", "mqtt.example.net",
+        "--repository-url", "https://r.example.net/repo", "--ca-cert", str(ca_dir / "ca.crt"),
+        "--ca-key", str(ca_dir / "ca.key"), "--repo", str(fleet.repo), "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(coordinator_app, args)
+    assert result.exit_code == 0, result.output
+    ca_pem = (ca_dir / "ca.crt").read_bytes()
+    assert members(out.read_bytes())["ca.crt"] == ca_pem
+    monkeypatch.delenv("NANOFLEET_CA_PASSPHRASE")
+    locked = CliRunner().invoke(coordinator_app, [*args[:-1], str(tmp_path / "e.enroll")])
+    assert locked.exit_code == ExitCode.CONFIG
+    assert "is encrypted: set NANOFLEET_CA_PASSPHRASE" in locked.output

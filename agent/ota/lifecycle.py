@@ -344,6 +344,8 @@ def step(
         if phase not in RESTING:
             return record, []  # the running update re-reads the channel when it checks
         started = UpdateRecord(phase=Phase.ANNOUNCED, hint=event.hint, rejected=record.rejected)
+        if event.hint is None:  # a periodic poll is no news: saved, not reported
+            return started, [Persist(started), CheckRelease(None)]
         return _saved(started, CheckRelease(event.hint))
     if isinstance(event, Failed) and phase not in RESTING:
         return _fail(record, event, policy)

@@ -330,8 +330,7 @@ def test_the_runner_drives_an_update_to_commit(plan: ReleasePlan, tmp_path: Path
         "cleanup",
     ]
     states = [r.state for r in controller.reports]
-    assert states == [
-        UpdateState.ANNOUNCED,
+    assert states == [  # a periodic poll is not reported as an announcement
         UpdateState.FETCHING,
         UpdateState.FETCHING,
         UpdateState.VERIFIED,
@@ -341,7 +340,9 @@ def test_the_runner_drives_an_update_to_commit(plan: ReleasePlan, tmp_path: Path
         UpdateState.COMMITTED,
     ]
     assert RecordStore(tmp_path / "record.json").load() == outcome.record
+    reported = len(controller.reports)
     assert runner.handle(lc.Announce()).record.phase is Phase.IDLE
+    assert len(controller.reports) == reported  # a poll that finds nothing says nothing
 
 
 def test_the_runner_retries_a_transient_failure_with_backoff(

@@ -16,7 +16,11 @@ def enroll(
     ],
     dest: Annotated[
         Path,
-        typer.Option("--dest", help="Where to install the settings, certificates and TUF root."),
+        typer.Option(
+            "--dest",
+            help="Where to install the settings, certificates and TUF root.",
+            envvar="NANOFLEET_ENROLL_DEST",
+        ),
     ] = Path("/etc/nanofleet"),
     force: Annotated[
         bool, typer.Option("--force", help="Replace an enrollment already installed in DEST.")

@@ -60,6 +60,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v curl >/dev/null || missing+=(curl)
 # systemd-analyze checks the units in deploy/systemd (systemd need not be PID 1).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# strace checks the agent against its unit's system-call filter.
+command -v strace >/dev/null || missing+=(strace)
 # Debian's chromium runs the dashboard tests (driven by Playwright; never `playwright install`).
 command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then

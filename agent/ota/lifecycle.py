@@ -66,6 +66,8 @@ _RETRYABLE: Final = frozenset({Phase.ANNOUNCED, Phase.FETCHING, Phase.VERIFIED})
 
 INTERRUPTED_CODE: Final = "activation_interrupted"
 MAX_ERROR_MESSAGE: Final = 1024  # characters, as UpdateProgress allows
+#: A download is reported at most this many times (each time it crosses 1/N of its bytes).
+PROGRESS_REPORTS: Final = 20
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,10 @@ def step(
             return _saved(fetching, Fetch(plan))
         case Phase.FETCHING, FetchProgressed(done=done, total=total):
             moved = record.model_copy(update={"bytes_done": done, "bytes_total": total})
-            return moved, [Report(moved)]
+            step_bytes = max(total // PROGRESS_REPORTS, 1)
+            if done >= total or done // step_bytes != record.bytes_done // step_bytes:
+                return moved, [Report(moved)]
+            return moved, []  # between two reports: a 100 MB model is ~1,600 chunks
         case Phase.FETCHING, Fetched():
             plan, slot = _need_plan(record)
             verified = _enter(record, Phase.VERIFIED, bytes_done=record.bytes_total)

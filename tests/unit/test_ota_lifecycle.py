@@ -444,3 +444,12 @@ def test_backoff_has_per_device_jitter_within_bounds() -> None:
     assert a != b
     for n, delay in enumerate(a, start=1):
         assert 0 <= delay <= min(300.0, 2.0 * 2 ** (n - 1))
+
+
+def test_download_progress_is_reported_in_twentieths_not_per_chunk(plan: ReleasePlan) -> None:
+    record = run_to(plan, Phase.FETCHING)
+    reports = 0
+    for done in range(0, 100_001, 1_000):  # 100 chunks
+        record, actions = step(record, lc.FetchProgressed(done, 100_000))
+        reports += sum(isinstance(a, lc.Report) for a in actions)
+    assert 20 <= reports <= 21

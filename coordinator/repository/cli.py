@@ -247,6 +247,28 @@ def release_point(
     typer.echo(pointer.model_dump_json())
 
 
+@release_app.command("publish")
+def release_publish(
+    directory: Annotated[Path, typer.Argument(help="A bundle directory with manifest.json.")],
+    group: Annotated[str, typer.Option("--group", help="Device group.")],
+    channel: Annotated[str, typer.Option("--channel", help="Release channel, e.g. stable.")],
+    repo: RepoOpt,
+    keys: KeysOpt,
+) -> None:
+    """Publish a bundle and point a group's channel at it: add-bundle, then point.
+
+    The coordinator's announcement then tells the group's devices to look (devices also
+    find the release on their own periodic check).
+    """
+    with _errors(), _hash_bar() as bar:
+        repository = Repository(repo, _keyring(keys))
+        published = repository.add_bundle(directory, progress=bar)
+        pointer = repository.point(
+            group, channel, published.manifest.name, published.manifest.version
+        )
+    typer.echo(pointer.model_dump_json())
+
+
 @release_app.command("timestamp")
 def release_timestamp(
     repo: RepoOpt,

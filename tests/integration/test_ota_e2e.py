@@ -4,7 +4,7 @@ mosquitto (mTLS, fleet ACLs) -> the real agent daemon -> progress and status bac
 The agent polls nothing (``poll_interval_s = 0``): it learns of each release only from the
 coordinator's retained announcement. Shown here:
 
-- a new base bundle published with ``nanofleet release add-bundle`` / ``release point`` is
+- a new base bundle published with ``nanofleet release publish`` is
   verified, activated and reported ``committed``; the retained status names it;
 - an adapter-only release then downloads only the adapter bundle's files (the repository
   server counts every byte it sends), is committed, and changes the answers;

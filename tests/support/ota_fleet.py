@@ -1,7 +1,7 @@
 """The operator's side of a signed update, for end-to-end tests and benchmarks.
 
 - :class:`ReleaseRepo`: a real TUF repository driven through the operator CLI
-  (``nanofleet keys create``, ``release init``, ``release add-bundle``, ``release point``),
+  (``nanofleet keys create``, ``release init``, ``release publish``),
   run in-process with typer's runner; offline keys are encrypted with a passphrase.
 - :class:`RepoServer`: the coordinator's repository file routes served by uvicorn on a free
   loopback port, counting the bytes it sends per path, so a test can show what a device
@@ -77,13 +77,11 @@ class ReleaseRepo:
         return int(data["signed"]["version"])
 
     def publish(self, bundle_dir: Path, group: str, channel: str) -> BundleRef:
-        """``release add-bundle`` then ``release point``; return the bundle's reference."""
+        """``release publish`` (add-bundle, then point); return the bundle's reference."""
         manifest = BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_bytes())
-        common = ("--repo", str(self.path), "--keys", str(self.keys))
-        self.cli("release", "add-bundle", str(bundle_dir), *common)
         self.cli(
-            "release", "point", manifest.name, manifest.version,
-            "--group", group, "--channel", channel, *common,
+            "release", "publish", str(bundle_dir), "--group", group, "--channel", channel,
+            "--repo", str(self.path), "--keys", str(self.keys),
         )  # fmt: skip
         return BundleRef(name=manifest.name, version=manifest.version, sha256=bundle_hash(manifest))
 

@@ -6,6 +6,9 @@ production builder. Shown here:
 
 - a good release is fetched, verified, activated and committed while clients stream
   without a single failed request, and the agent then answers with the new model;
+- attacks (a mirror serving other weights, a base model signed by the coordinator's
+  adapters key) are refused with their named code; the served model, its greedy answer
+  and the committed slot stay the same, and nothing is activated;
 - a release whose model gives non-finite logits is refused at activation, and one whose model is
   far slower than the old one fails the health gate and is rolled back; either way the
   committed slot and the answers stay those of the previous model.
@@ -17,7 +20,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import pytest
 
 from agent.ota.slots import SlotManager
 from protocol.bundle import BundleManifest
+from protocol.release import ADAPTERS_ROLE, bundle_target_path
 from tests.support.ota_models import build_ota_model
 from tests.support.processes import ManagedProcess, notified
 from tests.support.repo_simulator import RepoHTTPServer, RepoSimulator, ref_of
@@ -202,3 +206,53 @@ def test_a_bad_release_leaves_the_previous_model_serving(
     assert fleet.committed_version() == v2.version
     assert fleet.answer() == answer
     assert fleet.agent.returncode is None  # still running
+
+
+def _target_url_path(manifest: BundleManifest, path: str) -> str:
+    entry = next(f for f in manifest.files if f.path == path)
+    target = bundle_target_path(manifest.kind, manifest.name, manifest.version, path)
+    directory, _, name = target.rpartition("/")
+    return f"targets/{directory}/{entry.sha256}.{name}"
+
+
+def _mirror_serves_other_weights(fleet: Fleet, model_dir: Path) -> None:
+    manifest = fleet.sim.add_bundle(model_dir)
+    path = _target_url_path(manifest, "model.onnx.data")
+    fleet.sim.overrides[path] = bytes(len(fleet.sim.files[path]))
+    fleet.sim.point(GROUP, CHANNEL, ref_of(manifest))
+    fleet.sim.publish()
+
+
+def _base_signed_by_adapters_key(fleet: Fleet, model_dir: Path) -> None:
+    manifest = fleet.sim.add_bundle(model_dir, role=ADAPTERS_ROLE)
+    fleet.sim.point(GROUP, CHANNEL, ref_of(manifest))
+    fleet.sim.publish()
+
+
+@pytest.mark.parametrize(
+    ("attack", "code"),
+    [
+        (_mirror_serves_other_weights, "hash_mismatch"),
+        (_base_signed_by_adapters_key, "target_not_signed"),
+    ],
+    ids=["mirror_serves_other_weights", "base_signed_by_adapters_key"],
+)
+def test_an_attack_leaves_the_serving_model_and_its_answers_untouched(
+    fleet: Fleet,
+    models: dict[str, Path],
+    attack: Callable[[Fleet, Path], None],
+    code: str,
+) -> None:
+    v2 = fleet.publish(models["v2"])
+    _wait(lambda: fleet.committed_version() == v2.version, 120, "the commit of v2")
+    answer = fleet.answer()
+    activations = fleet.agent.read_log().count('"event": "activated"')
+    attack(fleet, models["slow"])
+
+    def refused() -> bool:
+        return any(p["state"] == "failed" and p.get("error_code") == code for p in fleet.progress())
+
+    _wait(refused, 60, f"the {code} refusal")
+    assert fleet.committed_version() == v2.version
+    assert fleet.answer() == answer
+    assert fleet.agent.read_log().count('"event": "activated"') == activations

@@ -49,7 +49,9 @@ def bind_mounts(compose: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def test_the_stack_has_its_four_services_and_only_known_keys(compose: dict[str, Any]) -> None:
     assert set(compose) <= TOP_LEVEL
-    assert set(compose["services"]) == {"mosquitto", "postgres", "coordinator", "superlink"}
+    assert set(compose["services"]) == {
+        "mosquitto", "postgres", "coordinator", "superlink", "fleet-proxy",
+    }  # fmt: skip
     for name, service in compose["services"].items():
         assert set(service) <= SERVICE_KEYS, f"{name}: {set(service) - SERVICE_KEYS}"
         assert "image" in service or "build" in service, name
@@ -125,12 +127,13 @@ def published(compose: dict[str, Any]) -> dict[str, list[tuple[str, int, int]]]:
     return result
 
 
-def test_published_ports_and_the_control_api_stays_on_the_host(compose: dict[str, Any]) -> None:
+def test_published_ports_and_the_superlink_stays_on_the_host(compose: dict[str, Any]) -> None:
     ports = published(compose)
     assert ports == {
         "mosquitto": [("0.0.0.0", 8883, 8883)],
         "coordinator": [("0.0.0.0", 8080, 8080)],
-        "superlink": [("0.0.0.0", 9092, 9092), ("127.0.0.1", 9093, 9093)],
+        "superlink": [("127.0.0.1", 9091, 9091)],
+        "fleet-proxy": [("0.0.0.0", 9092, 9092)],
     }
     host_ports = [p for entries in ports.values() for _, p, _ in entries]
     assert len(host_ports) == len(set(host_ports))
@@ -179,3 +182,26 @@ def test_the_mounted_broker_files_are_what_the_coordinator_renders(
     assert acl_source.read_text() == render_acl([])
     volumes = compose["services"]["mosquitto"]["volumes"]
     assert "mosquitto-data:/mosquitto/data" in volumes
+
+
+_LOCATION = re.compile(r"location\s+(\S+)\s*\{(.*?)\}", re.S)
+
+
+@pytest.mark.parametrize(
+    ("conf", "upstream"),
+    [
+        (REPO / "deploy" / "nginx" / "nanofleet-superlink-fleet.conf", "https://127.0.0.1:9091"),
+        (COMPOSE_DIR / "nginx" / "superlink-fleet.conf", "https://superlink:9091"),
+    ],
+    ids=["host", "compose"],
+)
+def test_the_fleet_proxy_forwards_the_fleet_api_and_nothing_else(conf: Path, upstream: str) -> None:
+    text = "\n".join(line.split("#", 1)[0] for line in conf.read_text().splitlines())
+    locations = dict(_LOCATION.findall(text))
+    assert set(locations) == {"/v1/fleet/", "/"}
+    assert f"proxy_pass {upstream};" in locations["/v1/fleet/"]
+    assert "proxy_ssl_verify on;" in locations["/v1/fleet/"]
+    assert "proxy_pass" not in locations["/"]
+    assert "return 404;" in locations["/"]
+    assert text.count("proxy_pass") == 1
+    assert "listen 9092 ssl;" in text

@@ -62,10 +62,14 @@ def demo(
     ] = False,
     work_dir: Annotated[
         Path | None,
-        typer.Option(help="Keep the agents' state here (default: a temporary directory)."),
+        typer.Option(
+            help="Keep the workspace (CA, keys, repository, registry, devices) here "
+            "(default: a temporary directory, removed at the end)."
+        ),
     ] = None,
 ) -> None:
-    """Run a local fleet on embedded defaults: build the model, start agents, chat."""
+    """Run a local fleet on embedded defaults: model, broker, coordinator, enrolled agents,
+    a streamed answer, a signed adapter release rolled out to every device."""
     from rich.console import Console
 
     from coordinator.demo import run_demo

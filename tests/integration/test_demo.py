@@ -1,8 +1,10 @@
 """The README's main job, ``nanofleet demo``, run to its end in its short mode (``--exit``).
 
 Marked ``slow``: it uses the real Nano model (built once into the cache) and starts real
-agents. The test checks the demo streamed an answer, listed every agent, and stopped every
-process it started (their PIDs are gone afterwards).
+processes: mosquitto under mTLS, ``nanofleet serve``, and two enrolled agents. The test
+checks what the demo printed against what it claims: the answer streamed, every device
+online in the registry, the adapter release committed on every device with only the
+adapter's bytes downloaded, the rollout completed, and every PID it listed gone afterwards.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.demo import agent_config
+from coordinator.broker_config import render_acl
+from coordinator.local_broker import render_fleet_acl
 
-pytestmark = pytest.mark.slow
+DEVICES = ("device-1", "device-2")
 
 
-def test_demo_runs_to_its_summary_and_stops_what_it_started(
-    real_model_dir: Path, tmp_path: Path
-) -> None:
+@pytest.mark.slow
+def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path) -> None:
     exe = Path(sys.executable).with_name("nanofleet")
     result = subprocess.run(
-        [str(exe), "demo", "--exit", "--agents", "2", "--max-tokens", "24"],
+        [str(exe), "demo", "--exit", "--agents", str(len(DEVICES)), "--max-tokens", "24"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -34,24 +36,37 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(
     )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "device-1: ready" in out
-    assert "device-2: ready" in out
+
     answer = out.split("assistant:", 1)[1].split("\n   (", 1)[0]
     assert len(answer.split()) >= 5, answer
-    pids = [int(p) for p in re.findall(r"│ device-\d .*?│ (\d+) +│", out)]
-    assert len(pids) == 2, out
-    for pid in pids:
+    assert f"registry: {len(DEVICES)}/{len(DEVICES)} devices online" in out
+    assert re.search(r"rollout \d+: completed", out), out
+
+    base_bytes = sum(p.stat().st_size for p in real_model_dir.iterdir() if p.is_file())
+    for device in DEVICES:
+        row = re.search(rf"│ {device} +│ online +│ healthy +│ .*? +│ nano-tuned 1 \w+ +│ (.*)", out)
+        assert row is not None, out
+        assert re.match(r"committed +│", row[1]), row[0]
+        done, size = (
+            int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of ([\d,]+) B", row[1])[0]
+        )
+        assert done == size, row[0]  # the adapter bundle's files, once
+        assert size < base_bytes / 50
+
+    pids = {name: int(pid) for name, pid in re.findall(r"│ ([\w-]+) +│ (\d+) +│\n", out)}
+    assert set(pids) == {*DEVICES, "coordinator", "mosquitto"}, out
+    for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "every process the demo started has stopped" in out
 
 
-def test_agent_config_is_valid_toml_naming_the_model_and_socket(tmp_path: Path) -> None:
-    import tomllib
-
-    text = agent_config(tmp_path / "model dir", tmp_path / 'sock"et', 2)
-    data = tomllib.loads(text)
-    assert data == {
-        "model": {"dir": str(tmp_path / "model dir"), "threads": 2},
-        "server": {"socket_path": str(tmp_path / 'sock"et')},
-    }
+def test_the_demo_broker_lets_the_coordinator_announce_on_device_release_topics() -> None:
+    fleet = {"dev-1": ("g",), "dev-2": ("g",)}
+    acl = render_fleet_acl(fleet)
+    assert acl.startswith(render_acl(fleet.items()))
+    tail = acl[len(render_acl(fleet.items())) :].splitlines()
+    assert [line for line in tail if line and not line.startswith("#")] == [
+        "user svc:coordinator",
+        "topic write nanofleet/v1/devices/+/releases",
+    ]

@@ -1,0 +1,241 @@
+"""The demo's workspace: the operator's files, made with the same functions the CLI uses.
+
+Layout under the workspace root::
+
+    ca/            the fleet CA (ca.crt, ca.key 0600)
+    keys/          the release signing keys (offline ones encrypted) and ``passphrase``
+                   (0600) unless NANOFLEET_KEY_PASSPHRASE gave one
+    repo/          the TUF repository the coordinator serves under /repo
+    bundles/       the adapter bundle the demo releases
+    coordinator/   coordinator.toml, operator.token (0600), registry.sqlite3, serve.log
+    device-N/      one device: its enrollment file, etc/ (installed by
+                   ``nanofleet-agent enroll``), state/, agent.sock, agent.log
+
+The broker's files live elsewhere (see :mod:`coordinator.local_broker`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from coordinator import pki
+from coordinator.provision import EnrollmentRequest, build_enrollment, write_enrollment
+from coordinator.repository.keys import PASSPHRASE_ENV, ROLES, KeyRing
+from coordinator.repository.repo import PublishedBundle, Repository
+from protocol.bundle import (
+    MANIFEST_NAME,
+    AdapterInfo,
+    BundleFile,
+    BundleKind,
+    BundleManifest,
+    bundle_hash,
+    canonical_json,
+)
+
+GROUP = "demo"
+CHANNEL = "stable"
+#: The agent's adapter file (agent.runtime.adapter.ADAPTER_FILE): an uncompressed .npz of
+#: ``lora_a`` [hidden, rank] and ``lora_b`` [rank, vocab], both float32.
+ADAPTER_FILE = "adapter.npz"
+
+
+@dataclass
+class Workspace:
+    """The operator's files for one demo run."""
+
+    root: Path
+    ca: pki.Credential
+    ca_files: pki.CredentialFiles
+    passphrase: str
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.root / "repo"
+
+    @property
+    def coordinator_dir(self) -> Path:
+        return self.root / "coordinator"
+
+    def repository(self) -> Repository:
+        """The repository, able to sign (every key's passphrase is the workspace's)."""
+        secret = self.passphrase.encode()
+        return Repository(self.repo_dir, KeyRing([self.keys_dir], lambda _r, _k: secret))
+
+
+def create_workspace(root: Path) -> Workspace:
+    """Create the fleet CA, the release keys and an empty signed repository under ``root``.
+
+    The keys' passphrase is ``NANOFLEET_KEY_PASSPHRASE`` when set, else a generated one
+    kept in ``keys/passphrase`` (mode 0600).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    ca_dir = root / "ca"
+    ca_dir.mkdir(mode=0o700, exist_ok=True)
+    ca = pki.create_ca("nanofleet demo CA")
+    ca_files = pki.write_credential(ca, ca_dir, "ca")
+    keys = root / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    passphrase = os.environ.get(PASSPHRASE_ENV) or ""
+    if not passphrase:
+        passphrase = secrets.token_urlsafe(24)
+        fd = os.open(keys / "passphrase", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(passphrase + "\n")
+    ws = Workspace(root, ca, ca_files, passphrase)
+    ring = KeyRing([keys], lambda _r, _k: passphrase.encode())
+    for role in ROLES:
+        ring.create(role)
+    Repository.init(ws.repo_dir, ring)
+    return ws
+
+
+def publish(ws: Workspace, bundle_dir: Path, *, point: bool) -> PublishedBundle:
+    """Sign ``bundle_dir`` into the repository; with ``point``, point the demo group's
+    channel at it (``release add-bundle`` and ``release point``)."""
+    repo = ws.repository()
+    published = repo.add_bundle(bundle_dir)
+    if point:
+        manifest = published.manifest
+        repo.point(GROUP, CHANNEL, manifest.name, manifest.version)
+    return published
+
+
+def point(ws: Workspace, manifest: BundleManifest) -> None:
+    """Point the demo group's channel at a published bundle (``release point``)."""
+    ws.repository().point(GROUP, CHANNEL, manifest.name, manifest.version)
+
+
+def bundle_bytes(bundle_dir: Path) -> int:
+    """The size of a bundle: its manifest and every file it lists."""
+    manifest = BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_bytes())
+    return (bundle_dir / MANIFEST_NAME).stat().st_size + sum(f.size for f in manifest.files)
+
+
+def write_adapter_bundle(
+    directory: Path,
+    base_dir: Path,
+    *,
+    name: str = "nano-tuned",
+    version: str = "1",
+    rank: int = 4,
+    seed: int = 7,
+    scale: float = 0.02,
+) -> Path:
+    """Write a loadable LM-head adapter bundle bound to the base model in ``base_dir``.
+
+    Its low-rank factors are small random numbers (``scale``), so the model's answers stay
+    sensible: the demo shows how an adapter ships, not what it learned (that is the
+    federated round's job).
+
+    Raises:
+        ValueError: ``base_dir`` is not a base model bundle.
+    """
+    base = BundleManifest.model_validate_json((base_dir / MANIFEST_NAME).read_bytes())
+    if base.model is None:
+        raise ValueError(f"{base_dir} is not a base model bundle")
+    hidden, vocab = base.model.hidden_size, base.model.vocab_size
+    rng = np.random.default_rng(seed)
+    lora_a = (scale * rng.standard_normal((hidden, rank))).astype(np.float32)
+    lora_b = (scale * rng.standard_normal((rank, vocab))).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ADAPTER_FILE
+    with path.open("wb") as f:
+        np.savez(f, lora_a=lora_a, lora_b=lora_b)
+    data = path.read_bytes()
+    manifest = BundleManifest(
+        name=name,
+        version=version,
+        kind=BundleKind.ADAPTER,
+        files=[
+            BundleFile(path=ADAPTER_FILE, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        ],
+        adapter=AdapterInfo(
+            target="lm_head",
+            rank=rank,
+            base_bundle_sha256=bundle_hash(base),
+            tokenizer_sha256=base.model.tokenizer_sha256,
+        ),
+    )
+    (directory / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+    return directory
+
+
+def provision(
+    ws: Workspace,
+    device_id: str,
+    home: Path,
+    *,
+    broker: tuple[str, int],
+    repository_url: str,
+    model_dir: Path,
+) -> Path:
+    """Write ``device_id``'s enrollment file into ``home`` (``nanofleet device provision``)
+    with its state directory and socket under ``home``; return the file's path."""
+    home.mkdir(parents=True, exist_ok=True)
+    request = EnrollmentRequest(
+        device_id=device_id,
+        broker_host=broker[0],
+        broker_port=broker[1],
+        repository_url=repository_url,
+        groups=(GROUP,),
+        channel=CHANNEL,
+        model_dir=PurePosixPath(model_dir),
+        socket_group=None,
+        state_dir=PurePosixPath(home / "state"),
+        socket_path=PurePosixPath(home / "agent.sock"),
+    )
+    root_json = (ws.repo_dir / "metadata" / "root.json").read_bytes()
+    target = home / f"{device_id}.enroll"
+    write_enrollment(build_enrollment(request, ws.ca, root_json), target)
+    return target
+
+
+def coordinator_config(
+    ws: Workspace,
+    *,
+    port: int,
+    broker: tuple[str, int],
+    broker_ca: Path,
+    cert: pki.CredentialFiles,
+    heartbeat_interval_s: float,
+) -> Path:
+    """Write the coordinator's settings and a fresh operator token; return the settings file."""
+    directory = ws.coordinator_dir
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token_file = directory / "operator.token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    settings: dict[str, Any] = {
+        "database_url": f"sqlite:///{directory / 'registry.sqlite3'}",
+        "host": "127.0.0.1",
+        "port": port,
+        "api_token_file": str(token_file),
+        "repository_path": str(ws.repo_dir),
+        "repository_url": f"http://127.0.0.1:{port}/repo",
+        "rollout_interval_s": 0.5,
+        "heartbeat_interval_s": heartbeat_interval_s,
+        "missed_heartbeats": 3,
+        "mqtt": {
+            "host": broker[0],
+            "port": broker[1],
+            "ca_file": str(broker_ca),
+            "cert_file": str(cert.certificate),
+            "key_file": str(cert.key),
+        },
+    }
+    path = directory / "coordinator.toml"
+    path.write_text(tomli_w.dumps(settings), encoding="utf-8")
+    return path

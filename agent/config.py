@@ -127,7 +127,22 @@ class LogSettings(BaseModel):
 
 
 class OtaSettings(BaseModel):
-    """Signed updates: where the TUF repository is, what this device follows, the gate."""
+    """Signed updates (``[ota]``, optional: without it the agent never updates).
+
+    Example (see docs/ota.md)::
+
+        [ota]
+        state_dir = "/var/lib/nanofleet/ota"
+        root_file = "/etc/nanofleet/root.json"
+        repository_url = "https://coordinator.example/repo"
+        group = "lab"
+        channel = "stable"
+        [ota.health]
+        requests = 3
+
+    ``state_dir`` must be on durable storage (the TUF cache there is the rollback
+    protection) and on one file system (slots hard-link into the blob store).
+    """
 
     model_config = _Frozen
 
@@ -137,7 +152,9 @@ class OtaSettings(BaseModel):
     root_file: Path
     #: Base URL of the repository (``metadata/`` and ``targets/`` below it).
     repository_url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://")]
+    #: The device group whose channel pointer (``channels/{group}/{channel}``) it installs.
     group: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
+    #: The release channel within the group.
     channel: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")] = (
         "stable"
     )
@@ -145,6 +162,7 @@ class OtaSettings(BaseModel):
     poll_interval_s: Annotated[float, Field(ge=0, le=86400)] = 600.0
     #: A download slower than this on average is cut and resumed later.
     min_rate_bytes_s: Annotated[int, Field(ge=1, le=1 << 30)] = 16 * 1024
+    #: The health gate (``[ota.health]``, :class:`agent.ota.health.HealthPolicy`).
     health: HealthPolicy = HealthPolicy()
 
 
@@ -159,7 +177,19 @@ MQTT_CHANNELS_MAX = 8
 
 
 class MqttSettings(BaseModel):
-    """The MQTT link to the fleet's broker (:mod:`agent.mqtt`).
+    """The MQTT link to the fleet's broker (``[mqtt]``, optional; :mod:`agent.mqtt`).
+
+    Example::
+
+        [mqtt]
+        host = "broker.example"
+        port = 8883
+        device_id = "dev-a"
+        groups = ["lab"]
+        channels = ["stable"]
+        ca_file = "/etc/nanofleet/ca.crt"
+        cert_file = "/etc/nanofleet/device.crt"
+        key_file = "/etc/nanofleet/device.key"
 
     Under mTLS (``ca_file``, ``cert_file``, ``key_file``, all three) the broker takes the
     certificate's common name as the identity its ACLs key on, and the link refuses to start

@@ -1,8 +1,10 @@
 """Provision, enroll, start: a new device joins the fleet with nothing but its enrollment file.
 
 The operator runs ``nanofleet device provision`` against the fleet CA (the test broker's),
-the release repository and the registry; the device runs ``nanofleet-agent enroll`` and
-then ``nanofleet-agent run`` on the installed settings. The agent connects to mosquitto
+the release repository and the registry; the device runs ``nanofleet-agent enroll``, and
+the agent is started as deploy/systemd/nanofleet-agent.service starts it (its credentials
+copied, its environment and ExecStart resolved; systemd itself is not PID 1 here). The
+agent connects to mosquitto
 under mTLS with the provisioned certificate, the coordinator's ingestion writes its status
 into the registry, and a release announced afterwards is verified against the pinned root,
 installed, and reported back. Nothing sleeps: every wait is on a condition.
@@ -10,9 +12,12 @@ installed, and reported back. Nothing sleeps: every wait is on a condition.
 
 from __future__ import annotations
 
+import grp
 import os
+import shutil
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from coordinator.mqtt import BrokerOptions, Ingestor, TlsFiles
 from coordinator.mqtt.announce import Announcer
 from coordinator.registry import LivenessRule, Online, Registry, open_registry
 from protocol.messages import Health
+from tests.integration.test_systemd_units import REPO, parse_unit
 from tests.support.mosquitto import TlsBroker, tls_broker
 from tests.support.ota_fleet import ReleaseRepo, RepoServer
 from tests.support.ota_models import build_ota_model
@@ -45,6 +51,50 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}\n{context()}")
         time.sleep(0.05)
+
+
+UNIT = REPO / "deploy" / "systemd" / "nanofleet-agent.service"
+INSTALL_DIR = "/etc/nanofleet"
+INSTALLED_BIN = "/opt/nanofleet/venv/bin"
+
+
+def unit_stand_in(dest: Path, credentials: Path) -> tuple[list[str], dict[str, str]]:
+    """What systemd does for the agent's unit, as far as the agent can tell: copy each
+    ``LoadCredential=ID:PATH`` (PATH under /etc/nanofleet, here ``dest``) to
+    ``credentials/ID`` (mode 0400), resolve ``%d`` to that directory in ``Environment=``
+    and ``ExecStart=``, and run the venv's console script. It also checks the contract
+    between the unit and the enrolled settings: the state directory, the socket's
+    directory and group are the unit's StateDirectory=, RuntimeDirectory= and
+    SupplementaryGroups=."""
+    sections = parse_unit(UNIT.read_text())["Service"]
+
+    def setting(key: str) -> list[str]:
+        return [v for k, v in sections if k == key]
+
+    credentials.mkdir(mode=0o700)
+    for entry in setting("LoadCredential"):
+        ident, _, source = entry.partition(":")
+        assert source.startswith(INSTALL_DIR + "/"), entry
+        target = credentials / ident
+        shutil.copyfile(dest / source.removeprefix(INSTALL_DIR + "/"), target)
+        target.chmod(0o400)
+    env = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    for entry in setting("Environment"):
+        key, _, value = entry.partition("=")
+        env[key] = value.replace("%d", str(credentials))
+    (exec_start,) = setting("ExecStart")
+    argv = [
+        arg.replace("%d", str(credentials)).replace(INSTALLED_BIN, str(Path(sys.executable).parent))
+        for arg in exec_start.split()
+    ]
+    config = tomllib.loads((credentials / "agent.toml").read_text())
+    (state,) = setting("StateDirectory")
+    (runtime,) = setting("RuntimeDirectory")
+    (group,) = setting("SupplementaryGroups")
+    assert config["ota"]["state_dir"] == f"/var/lib/{state}"
+    assert Path(config["server"]["socket_path"]).parent == Path(f"/run/{runtime}")
+    assert config["server"]["socket_group"] == group
+    return argv, env
 
 
 @pytest.fixture
@@ -100,7 +150,7 @@ def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
                     "--repository-url", server.url,
                     "--ca-cert", str(ca.certificate), "--ca-key", str(ca.key),
                     "--repo", str(repo.path), "--model-dir", str(factory),
-                    "--socket-group", "", "--out", str(bundle), "--registry-url", url,
+                    "--out", str(bundle), "--registry-url", url,
                 ],
             )  # fmt: skip
             assert result.exit_code == 0, result.output
@@ -110,25 +160,25 @@ def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
             dest = tmp_path / "etc-nanofleet"
             result = CliRunner().invoke(agent_cli, ["enroll", str(bundle), "--dest", str(dest)])
             assert result.exit_code == 0, result.output
-            agent = ManagedProcess(
-                [
-                    str(Path(sys.executable).with_name("nanofleet-agent")),
-                    "run", "--config", str(dest / "agent.toml"),
-                ],
-                notify=True,
-                name="enrolled-agent",
-                log_path=tmp_path / "agent.log",
-                env={
-                    # Where this test lets the agent write (the unit's directories in production).
+            # Start it the way its systemd unit does (credentials, environment, ExecStart).
+            argv, env = unit_stand_in(dest, tmp_path / "credentials")
+            env.update(
+                {
+                    # Where this test lets the agent write: the unit's StateDirectory= and
+                    # RuntimeDirectory= in production (unit_stand_in checks the config agrees).
                     "NANOFLEET_SERVER__SOCKET_PATH": str(sock),
+                    "NANOFLEET_SERVER__SOCKET_GROUP": grp.getgrgid(os.getegid()).gr_name,
                     "NANOFLEET_OTA__STATE_DIR": str(tmp_path / "state"),
                     "NANOFLEET_OTA__POLL_INTERVAL_S": "0",
                     "NANOFLEET_OTA__HEALTH__REQUESTS": "3",
                     "NANOFLEET_OTA__HEALTH__MAX_TOKENS": "8",
                     "NANOFLEET_MODEL__THREADS": "1",
                     "NANOFLEET_MQTT__HEARTBEAT_INTERVAL_S": "1",
-                },
-            )  # fmt: skip
+                }
+            )
+            agent = ManagedProcess(
+                argv, notify=True, name="enrolled-agent", log_path=tmp_path / "agent.log", env=env
+            )
             with agent:
                 agent.wait_ready(notified("READY=1"), timeout=60)
 

@@ -205,3 +205,62 @@ def test_a_crash_at_each_point_leaves_a_working_device(
         assert agent.returncode is None
     ended = "rolled back" if bad else "committed"
     print(f"\n{point} run {run}: restarted on {'new' if loaded == new else 'old'}, {ended}")
+
+
+def test_a_release_that_keeps_killing_the_agent_is_rolled_back(
+    models: Models,
+    answers: dict[str, str],
+    repo: tuple[RepoSimulator, RepoHTTPServer],
+    tmp_path: Path,
+) -> None:
+    """Killed twice with the new model live: the third start rolls it back for good
+    (``activation_interrupted``) instead of trying again, and serves the old model."""
+    sim, server = repo
+    root = tmp_path / "root.json"
+    root.write_bytes(sim.root_bytes)
+    sock = Path(f"/tmp/nf-fault-{tmp_path.name[-12:]}.sock")
+    state = tmp_path / "state"
+    config = agent_config(
+        tmp_path / "agent.toml",
+        model_dir=models.factory,
+        socket_path=sock,
+        state_dir=state,
+        root_file=root,
+        repository_url=server.url,
+        group=GROUP,
+        poll_interval_s=0.2,
+    )
+    old = _hash(models.factory)
+    for attempt in range(2):
+        with ManagedProcess(
+            [sys.executable, str(HARNESS), "mid_activation", str(config)],
+            notify=True,
+            name=f"crash-{attempt}",
+            log_path=tmp_path / f"crash-{attempt}.log",
+        ) as crashed:
+            crashed.wait_ready(notified("READY=1"), timeout=60)
+            if attempt == 0:
+                manifest = sim.add_bundle(models.good)
+                sim.point(GROUP, CHANNEL, ref_of(manifest))
+                sim.publish()
+            assert crashed.wait_exit(60) == -9
+    log = tmp_path / "restart.log"
+    with ManagedProcess(
+        [str(AGENT), "run", "--config", str(config)], notify=True, name="restart", log_path=log
+    ) as agent:
+        agent.wait_ready(notified("READY=1"), timeout=60)
+        assert _loaded_hash(log) == old
+
+        def reported() -> bool:
+            return any(
+                '"update_progress"' in line
+                and json.loads(line)["progress"]["state"] == "rolled_back"
+                and json.loads(line)["progress"]["error_code"] == "activation_interrupted"
+                for line in log.read_text(errors="replace").splitlines()
+            )
+
+        _wait(reported, "the activation_interrupted rollback report")
+        assert len(_rejected(state)) == 1
+        assert SlotManager(state / "slots").current() is None
+        assert _answer(sock) == answers[old]
+        assert '"event": "activated"' not in log.read_text()

@@ -200,13 +200,8 @@ def served_model(sock: Path) -> dict[str, Any]:
 
 
 def wait_for_interrupt() -> None:
-    """Block until Ctrl-C (SIGINT) or SIGTERM."""
+    """Block until Ctrl-C (or a SIGTERM turned into KeyboardInterrupt by the caller)."""
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)

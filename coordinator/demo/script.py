@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import socket
+import signal
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from coordinator.demo import workspace as wsp
@@ -25,10 +23,11 @@ from coordinator.demo.agents import (
     stream_chat,
     wait_for_interrupt,
 )
+from coordinator.demo.fleet import HOST, Fleet, free_port, poll
+from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
-from coordinator.local_broker import LocalBroker, start_local_broker
+from coordinator.local_broker import start_local_broker
 
-HOST = "127.0.0.1"
 #: The devices' heartbeat interval, and the coordinator's liveness interval with it.
 HEARTBEAT_S = 2.0
 #: How often the agents poll the repository (they do not follow per-device rollout
@@ -40,89 +39,11 @@ AGENT_READY_S = 180.0  # seconds from start to /readyz (the real model loads on 
 ONLINE_S = 60.0  # seconds from ready to online in the registry
 COORDINATOR_READY_S = 60.0
 ROLLOUT_S = 300.0  # seconds for every device to commit the release
-_ENDED = ("failed", "rolled_back")
 _ROLLOUT_FINAL = ("completed", "halted", "aborted")
 
 
-@dataclass
-class Fleet:
-    """Everything the demo started, in the order it is stopped (agents first)."""
-
-    agents: list[Child] = field(default_factory=list)
-    coordinator: Child | None = None
-    broker: LocalBroker | None = None
-
-    def processes(self) -> list[tuple[str, int]]:
-        """(name, PID) of every process started."""
-        out = [(a.name, a.pid) for a in self.agents if a.pid is not None]
-        if self.coordinator is not None and self.coordinator.pid is not None:
-            out.append((self.coordinator.name, self.coordinator.pid))
-        if self.broker is not None:
-            out.append(("mosquitto", self.broker.pid))
-        return out
-
-    def stop(self) -> None:
-        """Stop every process by its PID."""
-        for agent in self.agents:
-            agent.stop()
-        if self.coordinator is not None:
-            self.coordinator.stop()
-        if self.broker is not None:
-            self.broker.stop()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Api:
-    """The coordinator's operator API (``/api/v1``) with the operator token."""
-
-    def __init__(self, base_url: str, token: str) -> None:
-        self.base_url = base_url
-        self._client = httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0
-        )
-
-    def get(self, path: str) -> dict[str, Any]:
-        r = self._client.get(f"/api/v1{path}")
-        r.raise_for_status()
-        data: dict[str, Any] = r.json()
-        return data
-
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        r = self._client.post(f"/api/v1{path}", json=body)
-        if r.status_code >= 400:
-            raise CoordinatorError(f"POST {path}: {r.status_code} {r.text[:300]}")
-        data: dict[str, Any] = r.json()
-        return data
-
-    def healthy(self) -> bool:
-        try:
-            r = self._client.get("/healthz")
-        except httpx.HTTPError:
-            return False
-        return r.status_code == 200 and r.json().get("mqtt") == "connected"
-
-    def close(self) -> None:
-        self._client.close()
-
-
-def _poll(cond: Callable[[], bool], what: str, timeout_s: float, fleet: Fleet) -> None:
-    """Wait until ``cond()`` while every started process stays alive."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        for child in (*fleet.agents, fleet.coordinator):
-            if child is not None and child.process is not None and child.process.poll() is not None:
-                raise CoordinatorError(
-                    f"{child.name} exited while waiting for {what}:\n{child.tail()}"
-                )
-        if time.monotonic() > deadline:
-            raise CoordinatorError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def run_demo(
@@ -134,7 +55,33 @@ def run_demo(
     work_dir: Path | None,
     console: Console,
 ) -> int:
-    """Run the demo; return the exit status. Every started process is stopped."""
+    """Run the demo; return the exit status (0, 1 on an error, 130 when interrupted).
+
+    Every started process is stopped, also on Ctrl-C or SIGTERM at any step.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(
+            agents=agents,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            keep_running=keep_running,
+            work_dir=work_dir,
+            console=console,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(
+    *,
+    agents: int,
+    prompt: str,
+    max_tokens: int,
+    keep_running: bool,
+    work_dir: Path | None,
+    console: Console,
+) -> int:
     from coordinator.models.build import build_smollm2
 
     started_at = time.monotonic()
@@ -171,7 +118,7 @@ def run_demo(
         console.print(
             "\n[bold]3.[/bold] the coordinator: registry, MQTT ingestion, repository, API, UI"
         )
-        port = _free_port()
+        port = free_port()
         config = wsp.coordinator_config(
             ws,
             port=port,
@@ -251,7 +198,7 @@ def run_demo(
             return sum(1 for d in devices if d["online"] == "online") >= agents
 
         with console.status("waiting for every device to be online in the registry..."):
-            _poll(all_online, "every device online", ONLINE_S, fleet)
+            poll(all_online, "every device online", ONLINE_S, fleet)
         console.print(f"   registry: {agents}/{agents} devices online (GET /api/v1/devices)")
 
         console.print(f"\n[bold]5.[/bold] a streamed answer from {names[0]}")
@@ -292,17 +239,17 @@ def run_demo(
             found: list[dict[str, Any]] = api.get(f"/rollouts/{rid}/updates")["updates"]
             return found
 
-        _poll(lambda: len(updates()) == agents, "the wave's update records", 30, fleet)
+        poll(lambda: len(updates()) == agents, "the wave's update records", 30, fleet)
         wsp.point(ws, adapter.manifest)
         console.print(
             f"   {wsp.GROUP}/{wsp.CHANNEL} now points at the adapter (signed channel pointer)"
         )
-        _follow_rollout(console, updates, agents, fleet)
+        follow_rollout(console, updates, agents, lambda c, w, t: poll(c, w, t, fleet), ROLLOUT_S)
 
         def rollout_ended() -> bool:
             return str(api.get(f"/rollouts/{rid}")["state"]) in _ROLLOUT_FINAL
 
-        _poll(rollout_ended, "the rollout to end", 60, fleet)
+        poll(rollout_ended, "the rollout to end", 60, fleet)
         final = api.get(f"/rollouts/{rid}")
         console.print(f"   rollout {rid}: {final['state']} (GET /api/v1/rollouts/{rid})")
 
@@ -310,7 +257,7 @@ def run_demo(
         console.print(f"   {_federated_round()}")
 
         console.print()
-        console.print(_summary(api, updates(), adapter_size))
+        console.print(summary(api, updates(), adapter_size))
         table = Table(title="processes")
         table.add_column("process")
         table.add_column("pid")
@@ -326,6 +273,9 @@ def run_demo(
             console.print("\nthe fleet keeps running; press Ctrl-C to stop it")
             wait_for_interrupt()
         return 0
+    except KeyboardInterrupt:
+        console.print("\ninterrupted")
+        return 130
     except (CoordinatorError, OSError, httpx.HTTPError) as e:
         console.print(f"\n[red]error:[/red] {e}", highlight=False)
         return 1
@@ -339,43 +289,6 @@ def run_demo(
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _follow_rollout(
-    console: Console, updates: Callable[[], list[dict[str, Any]]], agents: int, fleet: Fleet
-) -> None:
-    """Show each device's state and bytes until all committed.
-
-    Raises:
-        CoordinatorError: a device failed or rolled back, or time ran out.
-    """
-    with Progress(
-        TextColumn("   {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        console=console,
-    ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def done() -> bool:
-            rows = updates()
-            for u in rows:
-                device = u["device_id"]
-                if device not in tasks:
-                    tasks[device] = bar.add_task(device, total=None)
-                bar.update(
-                    tasks[device],
-                    description=f"{device}: {u['state']:<11}",
-                    completed=u["bytes_done"],
-                    total=u["bytes_total"] or None,
-                )
-                if u["state"] in _ENDED:
-                    raise CoordinatorError(
-                        f"{device} reported {u['state']}: {u.get('error_message')}"
-                    )
-            return len(rows) == agents and all(u["state"] == "committed" for u in rows)
-
-        _poll(done, "every device to commit the release", ROLLOUT_S, fleet)
-
-
 def _federated_round() -> str:
     """Hook: run a federated round against the agents and roll out its adapter.
 
@@ -383,25 +296,3 @@ def _federated_round() -> str:
     offers a function that runs a round against running agents, the demo says so.
     """
     return "[dim]not run: the federated engine has not landed in this build yet[/dim]"
-
-
-def _summary(api: Api, updates: list[dict[str, Any]], adapter_size: int) -> Table:
-    by_device = {u["device_id"]: u for u in updates}
-    table = Table(title="the fleet (from GET /api/v1/devices)")
-    for col in ("device", "online", "health", "base", "adapter", "update", "downloaded"):
-        table.add_column(col)
-    for d in api.get("/devices")["devices"]:
-        u = by_device.get(d["id"], {})
-        base = d.get("base") or {}
-        adapter = d.get("adapter") or {}
-        table.add_row(
-            d["id"],
-            str(d["online"]),
-            str(d.get("health")),
-            f"{base.get('version', '-')} {str(base.get('sha256', ''))[:12]}",
-            f"{adapter.get('name', '-')} {adapter.get('version', '')} "
-            f"{str(adapter.get('sha256', ''))[:12]}",
-            str(u.get("state", "-")),
-            f"{u.get('bytes_done', 0):,} of {adapter_size:,} B",
-        )
-    return table

@@ -13,9 +13,10 @@ The script, with progress shown throughout (:mod:`coordinator.demo.script`):
    ``nanofleet-agent enroll``, starts ``nanofleet-agent run``, and waits until the
    coordinator's API shows every device online;
 5. streams a chat answer from the first agent over its Unix socket;
-6. signs an adapter-only release bound to the base, records it, starts a rollout through
-   the operator API, points the group's signed channel at it, and shows each device's
-   state and bytes until every device has committed it;
+6. signs an adapter-only release bound to the base and records it; then for the canary
+   group (the first device) and, once that rollout completed, for the fleet group (the
+   others): starts a rollout through the operator API, points the group's signed channel
+   at the release, and shows each device's state and bytes until all have committed it;
 7. (a hook for the federated round, not run until the federated engine lands);
 8. prints the fleet as the coordinator sees it, the processes, the dashboard's URL; then
    stops (``--exit``) or waits for Ctrl-C.

@@ -91,24 +91,26 @@ def follow_rollout(
         wait(done, "every device to commit the release", timeout_s)
 
 
-def summary(api: Api, updates: list[dict[str, Any]], adapter_size: int) -> Table:
+def summary(api: Api, updates: list[dict[str, Any]], adapter_size: int, base_size: int) -> Table:
     """The fleet as the coordinator's API shows it, with each device's update."""
     by_device = {u["device_id"]: u for u in updates}
-    table = Table(title="the fleet (from GET /api/v1/devices)")
-    for col in ("device", "online", "health", "base", "adapter", "update", "downloaded"):
-        table.add_column(col)
+    table = Table(
+        title="the fleet (GET /api/v1/devices)",
+        caption=f"bundle sizes: adapter {adapter_size:,} B, base model {base_size:,} B",
+    )
+    for col in ("device", "group", "state", "base", "adapter", "update", "downloaded"):
+        table.add_column(col, no_wrap=True)
     for d in api.get("/devices")["devices"]:
         u = by_device.get(d["id"], {})
         base = d.get("base") or {}
         adapter = d.get("adapter") or {}
         table.add_row(
             d["id"],
-            str(d["online"]),
-            str(d.get("health")),
-            f"{base.get('version', '-')} {str(base.get('sha256', ''))[:12]}",
-            f"{adapter.get('name', '-')} {adapter.get('version', '')} "
-            f"{str(adapter.get('sha256', ''))[:12]}",
+            ",".join(d.get("groups") or ()),
+            f"{d['online']}/{d.get('health')}",
+            str(base.get("sha256", "-"))[:8],
+            f"{adapter['name']} {adapter['version']} {adapter['sha256'][:8]}" if adapter else "-",
             str(u.get("state", "-")),
-            f"{u.get('bytes_done', 0):,} of {adapter_size:,} B",
+            f"{u.get('bytes_done', 0):,} B",
         )
     return table

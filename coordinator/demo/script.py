@@ -27,6 +27,7 @@ from coordinator.demo.fleet import HOST, Fleet, free_port, poll
 from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
 from coordinator.local_broker import start_local_broker
+from protocol.bundle import BundleManifest
 
 #: The devices' heartbeat interval, and the coordinator's liveness interval with it.
 HEARTBEAT_S = 2.0
@@ -100,19 +101,20 @@ def _run(
     try:
         with console.status("fleet CA, release keys, TUF repository, the model signed into it..."):
             ws = wsp.create_workspace(home)
-            base = wsp.publish(ws, model.path, point=True)
+            base = wsp.publish(ws, model.path, groups=wsp.GROUPS)
         console.print(
             f"   workspace {home}: fleet CA, {len(list(ws.keys_dir.glob('*/*.key')))} signing "
             f"keys, repository with {base.manifest.name} {base.manifest.version} "
-            f"({base.sha256[:12]}) on {wsp.GROUP}/{wsp.CHANNEL}"
+            f"({base.sha256[:12]}) on the {' and '.join(wsp.GROUPS)} groups' {wsp.CHANNEL} channel"
         )
 
-        names = [f"device-{i + 1}" for i in range(agents)]
+        groups = {f"device-{i + 1}": wsp.group_of(i) for i in range(agents)}
+        names = list(groups)
         console.print(
             "\n[bold]2.[/bold] the MQTT broker: mosquitto, production mTLS config, per-device ACLs"
         )
         with console.status("starting mosquitto..."):
-            fleet.broker = broker = start_local_broker(ws.ca, {n: (wsp.GROUP,) for n in names})
+            fleet.broker = broker = start_local_broker(ws.ca, {n: (g,) for n, g in groups.items()})
         console.print(f"   mosquitto pid {broker.pid} on mqtts://{broker.host}:{broker.port}")
 
         console.print(
@@ -150,11 +152,12 @@ def _run(
                     ws,
                     name,
                     device_home,
+                    group=groups[name],
                     broker=(broker.host, broker.port),
                     repository_url=f"{api.base_url}/repo",
                     model_dir=model.path,
                 )
-                registry.register_device(name, groups=(wsp.GROUP,), actor="nanofleet demo")
+                registry.register_device(name, groups=(groups[name],), actor="nanofleet demo")
                 enroll = Child(
                     f"{name}-enroll",
                     [command("nanofleet-agent"), "enroll", str(enrollment), "--dest",
@@ -184,7 +187,7 @@ def _run(
                 )  # fmt: skip
                 fleet.agents.append(agent)
                 agent.start()
-                console.print(f"   {name}: enrolled, agent pid {agent.pid}")
+                console.print(f"   {name} ({groups[name]}): enrolled, agent pid {agent.pid}")
         finally:
             registry.engine.dispose()
         for agent in fleet.agents:
@@ -212,10 +215,11 @@ def _run(
         console.print(f"\n   [dim]({time.monotonic() - t:.1f} s)[/dim]")
 
         console.print(
-            "\n[bold]6.[/bold] a signed adapter-only release, rolled out by the coordinator"
+            "\n[bold]6.[/bold] a signed adapter-only release, rolled out by the coordinator: "
+            "the canary first, then the fleet"
         )
         adapter_dir = wsp.write_adapter_bundle(home / "bundles" / "nano-tuned-1", model.path)
-        adapter = wsp.publish(ws, adapter_dir, point=False)
+        adapter = wsp.publish(ws, adapter_dir)
         adapter_size = wsp.bundle_bytes(adapter_dir)
         base_size = wsp.bundle_bytes(model.path)
         registry = open_registry(f"sqlite:///{ws.coordinator_dir / 'registry.sqlite3'}")
@@ -227,37 +231,20 @@ def _run(
             f"   {release.name} {release.version} ({adapter.sha256[:12]}): {adapter_size:,} bytes "
             f"signed by the adapters key, vs {base_size:,} for the base model"
         )
-        rollout = api.post(
-            "/rollouts",
-            {"release": f"{release.name}:{release.version}", "groups": [wsp.GROUP],
-             "waves": ["100%"], "actor": "demo"},
-        )  # fmt: skip
-        rid = rollout["id"]
-        console.print(f"   rollout {rid} started (POST /api/v1/rollouts)")
-
-        def updates() -> list[dict[str, Any]]:
-            found: list[dict[str, Any]] = api.get(f"/rollouts/{rid}/updates")["updates"]
-            return found
-
-        poll(lambda: len(updates()) == agents, "the wave's update records", 30, fleet)
-        wsp.point(ws, adapter.manifest)
-        console.print(
-            f"   {wsp.GROUP}/{wsp.CHANNEL} now points at the adapter (signed channel pointer)"
-        )
-        follow_rollout(console, updates, agents, lambda c, w, t: poll(c, w, t, fleet), ROLLOUT_S)
-
-        def rollout_ended() -> bool:
-            return str(api.get(f"/rollouts/{rid}")["state"]) in _ROLLOUT_FINAL
-
-        poll(rollout_ended, "the rollout to end", 60, fleet)
-        final = api.get(f"/rollouts/{rid}")
-        console.print(f"   rollout {rid}: {final['state']} (GET /api/v1/rollouts/{rid})")
+        updates: list[dict[str, Any]] = []
+        for group in wsp.GROUPS:
+            members = [n for n, g in groups.items() if g == group]
+            if members:
+                updates += _roll_out(
+                    console, api, fleet, ws, adapter.manifest, f"{release.name}:{release.version}",
+                    group, members,
+                )  # fmt: skip
 
         console.print("\n[bold]7.[/bold] federated round")
         console.print(f"   {_federated_round()}")
 
         console.print()
-        console.print(summary(api, updates(), adapter_size))
+        console.print(summary(api, updates, adapter_size, base_size))
         table = Table(title="processes")
         table.add_column("process")
         table.add_column("pid")
@@ -296,3 +283,50 @@ def _federated_round() -> str:
     offers a function that runs a round against running agents, the demo says so.
     """
     return "[dim]not run: the federated engine has not landed in this build yet[/dim]"
+
+
+def _roll_out(
+    console: Console,
+    api: Api,
+    fleet: Fleet,
+    ws: wsp.Workspace,
+    manifest: BundleManifest,
+    release: str,
+    group: str,
+    members: list[str],
+) -> list[dict[str, Any]]:
+    """Roll ``release`` out to ``group`` through the operator API; return its updates.
+
+    The rollout is created first (the coordinator records an update for each device of
+    the wave and announces it), then the group's signed channel pointer moves to the
+    release: the agents find it at their next repository poll.
+
+    Raises:
+        CoordinatorError: a device failed or rolled back, the rollout did not complete, or
+            time ran out.
+    """
+    rollout = api.post(
+        "/rollouts",
+        {"release": release, "groups": [group], "waves": ["100%"], "actor": "demo"},
+    )
+    rid = rollout["id"]
+    console.print(f"   rollout {rid} to the {group} group ({', '.join(members)}) started")
+
+    def updates() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = api.get(f"/rollouts/{rid}/updates")["updates"]
+        return found
+
+    poll(lambda: len(updates()) == len(members), "the wave's update records", 30, fleet)
+    wsp.point(ws, manifest, group)
+    console.print(f"   {group}/{wsp.CHANNEL} now points at the release (signed channel pointer)")
+    follow_rollout(console, updates, len(members), lambda c, w, t: poll(c, w, t, fleet), ROLLOUT_S)
+
+    def ended() -> bool:
+        return str(api.get(f"/rollouts/{rid}")["state"]) in _ROLLOUT_FINAL
+
+    poll(ended, "the rollout to end", 60, fleet)
+    state = api.get(f"/rollouts/{rid}")["state"]
+    console.print(f"   rollout {rid}: {state}")
+    if state != "completed":
+        raise CoordinatorError(f"rollout {rid} ended {state}; see {api.base_url}/ui")
+    return updates()

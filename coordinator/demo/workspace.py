@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -40,7 +41,10 @@ from protocol.bundle import (
     canonical_json,
 )
 
-GROUP = "demo"
+#: The first device is the canary: a release reaches it first, the rest of the fleet after.
+CANARY = "canary"
+FLEET = "fleet"
+GROUPS = (CANARY, FLEET)
 CHANNEL = "stable"
 #: The agent's adapter file (agent.runtime.adapter.ADAPTER_FILE): an uncompressed .npz of
 #: ``lora_a`` [hidden, rank] and ``lora_b`` [rank, vocab], both float32.
@@ -101,20 +105,24 @@ def create_workspace(root: Path) -> Workspace:
     return ws
 
 
-def publish(ws: Workspace, bundle_dir: Path, *, point: bool) -> PublishedBundle:
-    """Sign ``bundle_dir`` into the repository; with ``point``, point the demo group's
-    channel at it (``release add-bundle`` and ``release point``)."""
+def group_of(index: int) -> str:
+    """The group of the demo's ``index``-th device (0-based): the first is the canary."""
+    return CANARY if index == 0 else FLEET
+
+
+def publish(ws: Workspace, bundle_dir: Path, *, groups: Sequence[str] = ()) -> PublishedBundle:
+    """Sign ``bundle_dir`` into the repository and point each of ``groups``' channel at it
+    (``release add-bundle`` and ``release point``)."""
     repo = ws.repository()
     published = repo.add_bundle(bundle_dir)
-    if point:
-        manifest = published.manifest
-        repo.point(GROUP, CHANNEL, manifest.name, manifest.version)
+    for group in groups:
+        repo.point(group, CHANNEL, published.manifest.name, published.manifest.version)
     return published
 
 
-def point(ws: Workspace, manifest: BundleManifest) -> None:
-    """Point the demo group's channel at a published bundle (``release point``)."""
-    ws.repository().point(GROUP, CHANNEL, manifest.name, manifest.version)
+def point(ws: Workspace, manifest: BundleManifest, group: str) -> None:
+    """Point ``group``'s channel at a published bundle (``release point``)."""
+    ws.repository().point(group, CHANNEL, manifest.name, manifest.version)
 
 
 def bundle_bytes(bundle_dir: Path) -> int:
@@ -177,6 +185,7 @@ def provision(
     device_id: str,
     home: Path,
     *,
+    group: str,
     broker: tuple[str, int],
     repository_url: str,
     model_dir: Path,
@@ -189,7 +198,7 @@ def provision(
         broker_host=broker[0],
         broker_port=broker[1],
         repository_url=repository_url,
-        groups=(GROUP,),
+        groups=(group,),
         channel=CHANNEL,
         model_dir=PurePosixPath(model_dir),
         socket_group=None,

@@ -38,6 +38,13 @@ class Api:
         data: dict[str, Any] = r.json()
         return data
 
+    def page(self, path: str) -> int:
+        """The status code of a dashboard page (``/ui{path}``) fetched with the token."""
+        try:
+            return self._client.get(f"/ui{path}").status_code
+        except httpx.HTTPError:
+            return 0
+
     def healthy(self) -> bool:
         try:
             r = self._client.get("/healthz")

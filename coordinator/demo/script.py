@@ -251,9 +251,12 @@ def _run(
         for name, pid in fleet.processes():
             table.add_row(name, str(pid))
         console.print(table)
+        pages = {path: api.page(path) for path in ("/", "/rollouts")}
         console.print(
             f"dashboard: {api.base_url}/ui (sign in with the token in "
-            f"{ws.coordinator_dir / 'operator.token'})"
+            f"{ws.coordinator_dir / 'operator.token'}; "
+            + ", ".join(f"/ui{p} answered {code}" for p, code in pages.items())
+            + ")"
         )
         console.print(f"the script took {time.monotonic() - started_at:.0f} s")
         if keep_running:

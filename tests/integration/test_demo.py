@@ -57,6 +57,8 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
         assert row is not None, out
         assert int(row[1].replace(",", "")) == adapter_size, row[0]  # the adapter's files, once
 
+    assert "/ui/ answered 200, /ui/rollouts answered 200" in out, out
+
     pids = {name: int(pid) for name, pid in re.findall(r"│ ([\w-]+) +│ (\d+) +│\n", out)}
     assert set(pids) == {*DEVICES, "coordinator", "mosquitto"}, out
     for pid in pids.values():

@@ -1,4 +1,5 @@
-"""The pure parts of the device's MQTT link: backoff, schedule, inbound decoding, queue."""
+"""The pure parts of the device's MQTT link: backoff, schedule, inbound decoding, queue,
+status messages."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from agent.mqtt._inbound import (
     routes_for,
 )
 from agent.mqtt._policy import Backoff, Schedule, Task, reconnect_delay
+from agent.mqtt._status import DeviceState, build_heartbeat, build_status, offline_copy
 from protocol import topics
-from protocol.messages import MAX_PAYLOAD_BYTES, ReleaseAnnouncement
+from protocol.messages import MAX_PAYLOAD_BYTES, BundleRef, Health, ReleaseAnnouncement, Slot
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -125,3 +127,32 @@ def test_the_queue_never_blocks_and_drops_the_oldest() -> None:
     assert q.dropped == 1
     assert q.drain() == [2, 3]
     assert q.get(timeout_s=0) is None
+
+
+def _device_state(health: Health) -> DeviceState:
+    return DeviceState(
+        agent_version="0.1.0",
+        health=health,
+        base=BundleRef(name="tiny", version="1", sha256="ab" * 32),
+        slot=Slot.A,
+        uptime_s=1,
+        load_1m=0.5,
+        free_disk_bytes=10,
+    )
+
+
+def test_a_device_never_reports_itself_offline() -> None:
+    with pytest.raises(ValueError, match="Last Will"):
+        build_status(_device_state(Health.OFFLINE), NOW)
+    with pytest.raises(ValueError, match="Last Will"):
+        build_heartbeat(_device_state(Health.OFFLINE), NOW)
+
+
+def test_the_will_is_the_last_status_marked_offline() -> None:
+    status = build_status(_device_state(Health.HEALTHY), NOW)
+    will = offline_copy(status)
+    assert will.health is Health.OFFLINE
+    assert will.reported_at == status.reported_at
+    assert will.base == status.base
+    beat = build_heartbeat(_device_state(Health.HEALTHY), NOW)
+    assert beat.base_sha256 == "ab" * 32

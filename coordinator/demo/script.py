@@ -28,6 +28,7 @@ from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
 from coordinator.local_broker import start_local_broker
 from protocol.bundle import BundleManifest
+from protocol.exitcodes import ExitCode
 
 #: The devices' heartbeat interval, and the coordinator's liveness interval with it.
 HEARTBEAT_S = 2.0
@@ -40,6 +41,7 @@ AGENT_READY_S = 180.0  # seconds from start to /readyz (the real model loads on 
 ONLINE_S = 60.0  # seconds from ready to online in the registry
 COORDINATOR_READY_S = 60.0
 ROLLOUT_S = 300.0  # seconds for every device to commit the release
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket path (sun_path less its NUL)
 _ROLLOUT_FINAL = ("completed", "halted", "aborted")
 
 
@@ -74,6 +76,16 @@ def run_demo(
         signal.signal(signal.SIGTERM, previous)
 
 
+def _work_dir_problem(work_dir: Path, agents: int) -> str | None:
+    """Why ``work_dir`` cannot hold a demo's workspace, or None."""
+    if work_dir.exists() and (not work_dir.is_dir() or any(work_dir.iterdir())):
+        return "must be an empty directory or not exist (a workspace is made once)"
+    longest = work_dir.resolve() / f"device-{agents}" / "agent.sock"
+    if len(str(longest).encode()) > SOCKET_PATH_MAX:
+        return f"too long for the agents' Unix sockets ({longest} is over {SOCKET_PATH_MAX} bytes)"
+    return None
+
+
 def _run(
     *,
     agents: int,
@@ -85,6 +97,12 @@ def _run(
 ) -> int:
     from coordinator.models.build import build_smollm2
 
+    if work_dir is not None:
+        problem = _work_dir_problem(work_dir, agents)
+        if problem is not None:
+            console.print(f"[red]error:[/red] --work-dir {work_dir}: {problem}", highlight=False)
+            return int(ExitCode.BAD_INPUT)
+        work_dir = work_dir.resolve()
     started_at = time.monotonic()
     console.rule("[bold]nanofleet demo")
     console.print(

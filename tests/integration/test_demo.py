@@ -9,16 +9,21 @@ adapter's bytes downloaded, the rollout completed, and every PID it listed gone 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from coordinator.broker_config import render_acl
+from coordinator.demo import run_demo
 from coordinator.local_broker import render_fleet_acl
+from protocol.exitcodes import ExitCode
 
 DEVICES = ("device-1", "device-2")
 
@@ -76,3 +81,33 @@ def test_the_demo_broker_lets_the_coordinator_announce_on_device_release_topics(
         "user svc:coordinator",
         "topic write nanofleet/v1/devices/+/releases",
     ]
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: (p / "old").mkdir(), "must be an empty directory"),
+        (lambda p: None, "too long for the agents' Unix sockets"),
+    ],
+    ids=["not-empty", "socket-path-too-long"],
+)
+def test_a_work_dir_the_demo_cannot_use_is_refused_before_anything_starts(
+    tmp_path: Path, make: Callable[[Path], object], expected: str
+) -> None:
+    work = tmp_path / "work"
+    if expected.startswith("too long"):
+        work = tmp_path / ("w" * 100)
+    work.mkdir()
+    make(work)
+    out = io.StringIO()
+    code = run_demo(
+        agents=3,
+        prompt="hi",
+        max_tokens=1,
+        keep_running=False,
+        work_dir=work,
+        console=Console(file=out, width=400),
+    )
+    assert code == ExitCode.BAD_INPUT
+    assert expected in out.getvalue()
+    assert list(work.iterdir()) == ([work / "old"] if expected.startswith("must") else [])

@@ -4,11 +4,16 @@ Used by ``nanofleet demo``. The broker is the real mosquitto (Debian's package, 
 by ``scripts/bootstrap.sh``), run with ``deploy/mosquitto/nanofleet.conf.template`` and an
 ACL rendered by :func:`coordinator.broker_config.render_acl`: devices authenticate with
 their certificates, the certificate CN is the MQTT username, and each device may touch only
-its own topics and its groups' announcements. A pure-Python broker started in-process was
-the embedded default in the design, but the ones measured (see FINDINGS.md) do not enforce
-ACLs, Last Will or keepalive properly, and those are what the fleet relies on: an agent
-that dies must be marked offline by its Last Will, and a device must not read another's
-topics.
+its own topics and its groups' announcements.
+
+Why a real mosquitto and not a pure-Python broker started in-process (the design's first
+idea for the embedded default): measured here (FINDINGS.md), amqtt 0.12 speaks MQTT 3.1.1
+only (the agent and the coordinator use MQTT 5 sessions), never enforces keepalive (so a
+silently dead agent never gets its Last Will and is never marked offline), lets retained
+messages leak past its ACLs, and its ACL settings are partly broken; it also cannot share
+an environment with flwr (conflicting typer pins). The demo would then show neither the
+security model nor liveness as they are in production. mosquitto is one Debian package,
+installed by bootstrap, and runs the same file an operator deploys.
 
 Invariants:
 

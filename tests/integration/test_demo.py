@@ -1,10 +1,11 @@
 """The README's main job, ``nanofleet demo``, run to its end in its short mode (``--exit``).
 
-Marked ``slow``: it uses the real Nano model (built once into the cache) and starts real
-processes: mosquitto under mTLS, ``nanofleet serve``, and two enrolled agents. The test
-checks what the demo printed against what it claims: the answer streamed, every device
-online in the registry, the adapter release committed on every device with only the
-adapter's bytes downloaded, the rollout completed, and every PID it listed gone afterwards.
+The end-to-end test is marked ``slow``: it uses the real Nano model (built once into the
+cache) and starts real processes: mosquitto under mTLS, ``nanofleet serve``, and two
+enrolled agents. It checks what the demo printed against what it claims: the answer
+streamed, every device online in the registry, the adapter release committed on every
+device with only the adapter's bytes downloaded, both rollouts (canary, then fleet)
+completed, the dashboard answering, and every PID it listed gone afterwards.
 """
 
 from __future__ import annotations

@@ -90,6 +90,14 @@ class _FleetCollector(Collector):
             for result, n in stats.results.items():
                 results.add_metric([result], n)
             yield results
+            malformed = CounterMetricFamily(
+                "nanofleet_ingest_malformed",
+                "Device messages dropped as malformed",
+                labels=["reason"],
+            )
+            for reason, n in stats.malformed.items():
+                malformed.add_metric([reason], n)
+            yield malformed
             queue = GaugeMetricFamily("nanofleet_ingest_queue", "Messages waiting to be written")
             queue.add_metric([], stats.queue_length)
             yield queue

@@ -120,7 +120,7 @@ class SimDevice:
             health=health,
             base=base,
             adapter=None,
-            slot="a",
+            slot="a" if base else None,
             uptime_s=60,
             load_1m=0.1,
             free_disk_bytes=10**9,

@@ -226,8 +226,11 @@ def test_api_unparseable_body_names_the_field(client: httpx.Client) -> None:
 
 
 def test_api_openapi_document_lists_the_operator_routes(client: httpx.Client) -> None:
-    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    document = client.get("/api/v1/openapi.json").json()
+    paths = document["paths"]
     assert {"/api/v1/devices", "/api/v1/rollouts", "/api/v1/rounds/{round_id}"} <= set(paths)
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert paths["/api/v1/devices"]["get"]["security"] == [{"HTTPBearer": []}]
 
 
 def test_api_rollout_lifecycle(client: httpx.Client, coordinator: Coordinator) -> None:

@@ -1,4 +1,4 @@
-"""The dashboard served by the coordinator's app over real HTTP, in headless Chromium
+"""The dashboard served by `nanofleet serve` (a real process), in headless Chromium
 (Debian's package, driven by Playwright): sign-in with the operator token, the fleet page
 with each device's judged state, a rollout page with its waves and progress, a round page
 with its plot, and a device's update history. Screenshots go to ``out/dashboard/``
@@ -11,16 +11,24 @@ round metrics) on a manual clock, so every state on the page is known in advance
 from __future__ import annotations
 
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
-from coordinator.registry import LinkState, LivenessRule, RolloutSpec, Selector
+from coordinator.registry import (
+    LinkState,
+    LivenessRule,
+    Registry,
+    RolloutSpec,
+    Selector,
+    open_registry,
+)
 from coordinator.rollout.policy import WaveSize, WaveSpec, decide
-from coordinator.serve import Coordinator
-from coordinator.settings import CoordinatorSettings
 from protocol.bundle import bundle_hash
 from protocol.messages import (
     BundleRef,
@@ -30,8 +38,8 @@ from protocol.messages import (
     UpdateProgress,
     UpdateState,
 )
-from tests.support.coordinator_http import http_server
 from tests.support.db_fixtures import ManualClock, make_manifest, make_round_manifest
+from tests.support.processes import ManagedProcess, free_port, log_contains
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -48,6 +56,7 @@ ARGS = [
     "--disable-quic",
 ]
 TOKEN = "dashboard-test-token-0123456789"
+NANOFLEET = [sys.executable, "-c", "from coordinator.cli import main; main()"]
 SHOTS = Path(__file__).resolve().parents[2] / "out" / "dashboard"
 #: device -> the state the fleet page must show.
 EXPECTED = {
@@ -60,7 +69,7 @@ EXPECTED = {
 LOSSES = [2.9, 2.4, 2.1, 1.95, 1.9]
 
 
-def _beat(c: Coordinator, device: str, clock: ManualClock, sha: str) -> None:
+def _beat(reg: Registry, device: str, clock: ManualClock, sha: str) -> None:
     now = clock()
     ref = BundleRef(name="nano", version="1.0.0", sha256=sha)
     status = DeviceStatus(
@@ -81,37 +90,34 @@ def _beat(c: Coordinator, device: str, clock: ManualClock, sha: str) -> None:
         load_1m=0.2,
         free_disk_bytes=10**9,
     )
-    c.registry.ingest([(device, status, now), (device, beat, now)])
+    reg.ingest([(device, status, now), (device, beat, now)])
 
 
 @dataclass(frozen=True)
-class Filled:
-    """A coordinator with a known fleet, rollout and round."""
+class Served:
+    """`nanofleet serve` on a registry with a known fleet, rollout and round."""
 
-    coordinator: Coordinator
+    base_url: str
     first_wave: tuple[str, ...]
 
 
 @pytest.fixture
-def filled(tmp_path: Path) -> Filled:
-    clock = ManualClock()
-    settings = CoordinatorSettings(
-        database_url=f"sqlite:///{tmp_path / 'registry.sqlite3'}",
-        api_token=TOKEN,
-        repository_path=tmp_path / "repo",
-    )
-    c = Coordinator(settings, clock=clock)
-    reg = c.registry
+def served(tmp_path: Path) -> Iterator[Served]:
+    # Recent times, so the daemon's own clock finds no wave timed out while the test runs;
+    # without [mqtt] it sweeps no liveness, so the judged states below stay as they are.
+    clock = ManualClock(datetime.now(UTC) - timedelta(minutes=10))
+    url = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    reg = open_registry(url, clock=clock)
     link_up = clock()
     base = make_manifest("nano", "1.0.0")
     base_sha = bundle_hash(base)
     for device in ("edge-01", "edge-02", "edge-03", "edge-04"):
         reg.register_device(device, groups=["edge"], actor="test")
-        _beat(c, device, clock, base_sha)
+        _beat(reg, device, clock, base_sha)
     clock.advance(200)
     reg.register_device("edge-05", groups=["edge"], actor="test")
     for device in ("edge-01", "edge-02"):
-        _beat(c, device, clock, base_sha)
+        _beat(reg, device, clock, base_sha)
     reg.sweep_liveness(LinkState(link_up, clock()), LivenessRule(interval_s=30, missed=3))
 
     release = reg.create_release(make_manifest("nano", "1.1.0"), actor="test")
@@ -150,19 +156,25 @@ def filled(tmp_path: Path) -> Filled:
         reg.record_round_metric(
             "run-7", number, participants=3 + number % 2, loss=loss, perplexity=2.718**loss
         )
-    return Filled(c, tuple(devices))
+    reg.engine.dispose()
+    port = free_port()
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        f'database_url = "{url}"\napi_token = "{TOKEN}"\nport = {port}\n'
+        f'repository_path = "{tmp_path / "repo"}"\nrollout_interval_s = 0.2\n'
+    )
+    with ManagedProcess([*NANOFLEET, "serve", "-c", config], cwd=tmp_path) as proc:
+        proc.wait_ready(log_contains("listening on"), timeout=60)
+        yield Served(f"http://127.0.0.1:{port}", tuple(devices))
 
 
-def test_dashboard_in_headless_chromium(filled: Filled) -> None:
+def test_dashboard_in_headless_chromium(served: Served) -> None:
     if not CHROMIUM.exists():
         pytest.fail("Debian's chromium is missing: scripts/bootstrap.sh installs it")
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
-    wave1 = filled.first_wave
-    with (
-        http_server(filled.coordinator.app) as base_url,
-        playwright_api.sync_playwright() as pw,
-    ):
+    wave1, base_url = served.first_wave, served.base_url
+    with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
@@ -228,8 +240,8 @@ def test_dashboard_in_headless_chromium(filled: Filled) -> None:
         assert (SHOTS / f"{name}.png").stat().st_size > 0
 
 
-def test_dashboard_needs_the_token(filled: Filled) -> None:
-    with http_server(filled.coordinator.app) as base_url, httpx.Client(base_url=base_url) as c:
+def test_dashboard_needs_the_token(served: Served) -> None:
+    with httpx.Client(base_url=served.base_url) as c:
         for path in ("/ui/", "/ui/rollouts/1", "/ui/rounds/run-7", "/ui/devices/edge-01"):
             response = c.get(path, follow_redirects=False)
             assert response.status_code == 303, path

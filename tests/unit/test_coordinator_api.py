@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from coordinator.cli import app as cli_app
+from coordinator.rollout.policy import StartWave, decide
 from coordinator.serve import Coordinator
 from coordinator.settings import CoordinatorSettings
 from protocol.bundle import BundleKind
 from protocol.exitcodes import ExitCode
+from protocol.messages import BundleRef, UpdateProgress, UpdateState
 from tests.support.coordinator_http import http_server
 from tests.support.db_fixtures import make_manifest
 
@@ -349,3 +352,69 @@ def test_settings_refuse_bad_config_naming_the_key(tmp_path: Path) -> None:
     config.write_text('api_token = "long-enough-token-123"\n[mqtt]\nhost = "broker.example"\n')
     with pytest.raises(ConfigError, match=r"mqtt.*loopback"):
         load_settings(config)
+
+
+def _complete(coordinator: Coordinator, rollout_id: int) -> None:
+    """Drive a rollout to completion through the policy, every device committing."""
+    reg = coordinator.registry
+    release = reg.get_rollout(rollout_id).release
+    target = BundleRef(name=release.name, version=release.version, sha256=release.bundle_sha256)
+    for _ in range(10):
+        decision, _ = reg.step(rollout_id, decide)
+        if isinstance(decision, StartWave):
+            at = datetime.now(UTC)
+            report = UpdateProgress(
+                state=UpdateState.COMMITTED,
+                target=target,
+                timestamp_version=1,
+                bytes_done=1,
+                bytes_total=1,
+                at=at,
+            )
+            reg.ingest([(d, report, at) for d in decision.devices])
+    assert reg.get_rollout(rollout_id).state.value == "completed"
+
+
+def test_cli_rollback_returns_a_group_to_its_previous_release(
+    cli: Cli, coordinator: Coordinator
+) -> None:
+    reg = coordinator.registry
+    for device in ("canary-1", "canary-2"):
+        reg.register_device(device, groups=["canary"], actor="test")
+    reg.create_release(make_manifest("nano", "1.1.0"), actor="test")
+
+    def run(*argv: str) -> Any:
+        result = cli.invoke([*argv, "--json", "--token", TOKEN])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    refused = cli.invoke(["rollouts", "rollback", "--group", "canary", "--json", "--token", TOKEN])
+    assert refused.exit_code == ExitCode.BAD_INPUT
+    assert "never had a rollout" in json.loads(refused.stdout)["message"]
+    first = run("rollouts", "start", "--release", "nano:1.0.0", "--group", "canary")
+    _complete(coordinator, first["id"])
+    second = run("rollouts", "start", "--release", "nano:1.1.0", "--group", "canary")
+    back = run("rollouts", "rollback", "--group", "canary")
+    assert back["release"]["version"] == "1.0.0"
+    assert back["rollback_of"] == second["id"]
+    assert reg.get_rollout(second["id"]).state.value == "aborted"
+
+
+def test_settings_environment_overrides_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator.settings import load_settings
+
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file-0123456789\n")
+    config = tmp_path / "coordinator.toml"
+    config.write_text('port = 9000\napi_token = "inline-token-0123456789"\n')
+    monkeypatch.setenv("NANOFLEET_PORT", "9100")
+    assert load_settings(config).port == 9100
+    monkeypatch.delenv("NANOFLEET_PORT")
+    config.write_text(f'api_token_file = "{token_file}"\n[mqtt]\nport = 1883\n')
+    monkeypatch.setenv("NANOFLEET_MQTT__HOST", "localhost")
+    settings = load_settings(config)
+    assert settings.token() == "from-a-file-0123456789"
+    assert settings.mqtt is not None
+    assert (settings.mqtt.host, settings.mqtt.port) == ("localhost", 1883)

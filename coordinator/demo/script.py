@@ -76,6 +76,25 @@ def run_demo(
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Laps:
+    """How long each step took."""
+
+    def __init__(self, start: float) -> None:
+        self._start = self._last = start
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self._laps.append((name, now - self._last))
+        self._last = now
+
+    def total(self) -> float:
+        return time.monotonic() - self._start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._laps)
+
+
 def _work_dir_problem(work_dir: Path, agents: int) -> str | None:
     """Why ``work_dir`` cannot hold a demo's workspace, or None."""
     if work_dir.exists() and (not work_dir.is_dir() or any(work_dir.iterdir())):
@@ -113,6 +132,8 @@ def _run(
         model = build_smollm2()
     state = "built" if model.built else "found in the cache"
     console.print(f"   {state}: {model.path} ({time.monotonic() - t:.1f} s)")
+    laps = _Laps(started_at)
+    laps.lap("model")
     home = work_dir or Path(tempfile.mkdtemp(prefix="nanofleet-demo-"))
     fleet = Fleet()
     api: Api | None = None
@@ -131,9 +152,11 @@ def _run(
         console.print(
             "\n[bold]2.[/bold] the MQTT broker: mosquitto, production mTLS config, per-device ACLs"
         )
+        laps.lap("workspace")
         with console.status("starting mosquitto..."):
             fleet.broker = broker = start_local_broker(ws.ca, {n: (g,) for n, g in groups.items()})
         console.print(f"   mosquitto pid {broker.pid} on mqtts://{broker.host}:{broker.port}")
+        laps.lap("broker")
 
         console.print(
             "\n[bold]3.[/bold] the coordinator: registry, MQTT ingestion, repository, API, UI"
@@ -158,6 +181,7 @@ def _run(
         with console.status("waiting for the coordinator (healthy, MQTT connected)..."):
             coordinator.wait_until(api.healthy, "healthy /healthz", COORDINATOR_READY_S)
         console.print(f"   nanofleet serve pid {coordinator.pid} on {api.base_url}")
+        laps.lap("coordinator")
 
         console.print(f"\n[bold]4.[/bold] provisioning, enrolling and starting {agents} device(s)")
         from coordinator.registry import open_registry
@@ -221,6 +245,7 @@ def _run(
         with console.status("waiting for every device to be online in the registry..."):
             poll(all_online, "every device online", ONLINE_S, fleet)
         console.print(f"   registry: {agents}/{agents} devices online (GET /api/v1/devices)")
+        laps.lap("devices")
 
         console.print(f"\n[bold]5.[/bold] a streamed answer from {names[0]}")
         sock = home / names[0] / "agent.sock"
@@ -231,6 +256,7 @@ def _run(
         for delta in stream_chat(sock, served, prompt, max_tokens):
             console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
         console.print(f"\n   [dim]({time.monotonic() - t:.1f} s)[/dim]")
+        laps.lap("answer")
 
         console.print(
             "\n[bold]6.[/bold] a signed adapter-only release, rolled out by the coordinator: "
@@ -259,6 +285,7 @@ def _run(
                 )  # fmt: skip
 
         console.print("\n[bold]7.[/bold] federated round")
+        laps.lap("release")
         console.print(f"   {_federated_round()}")
 
         console.print()
@@ -276,7 +303,7 @@ def _run(
             + ", ".join(f"/ui{p} answered {code}" for p, code in pages.items())
             + ")"
         )
-        console.print(f"the script took {time.monotonic() - started_at:.0f} s")
+        console.print(f"the script took {laps.total():.0f} s ({laps})")
         if keep_running:
             console.print("\nthe fleet keeps running; press Ctrl-C to stop it")
             wait_for_interrupt()

@@ -27,6 +27,7 @@ from coordinator.demo.fleet import HOST, Fleet, free_port, poll
 from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
 from coordinator.local_broker import start_local_broker
+from coordinator.registry import open_registry
 from protocol.bundle import BundleManifest
 from protocol.exitcodes import ExitCode
 
@@ -93,6 +94,59 @@ class _Laps:
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._laps)
+
+
+def _enroll_and_start(
+    ws: wsp.Workspace,
+    name: str,
+    group: str,
+    home: Path,
+    *,
+    broker: tuple[str, int],
+    repository_url: str,
+    model_dir: Path,
+) -> Child:
+    """Provision a device, enroll it with ``nanofleet-agent enroll`` and start its agent.
+
+    Raises:
+        CoordinatorError: the enrollment was refused.
+    """
+    enrollment = wsp.provision(
+        ws,
+        name,
+        home,
+        group=group,
+        broker=broker,
+        repository_url=repository_url,
+        model_dir=model_dir,
+    )
+    enroll = Child(
+        f"{name}-enroll",
+        [command("nanofleet-agent"), "enroll", str(enrollment), "--dest", str(home / "etc")],
+        home / "enroll.log",
+    )
+    enroll.start()
+    if enroll.wait(60) != 0:
+        raise CoordinatorError(f"{name}: enrollment failed:\n{enroll.tail()}")
+    enrollment.unlink()  # it holds the device key, now installed
+    agent = Child(
+        name,
+        [command("nanofleet-agent"), "run", "--config", str(home / "etc" / "agent.toml")],
+        home / "agent.log",
+        env={
+            "NANOFLEET_MODEL__THREADS": "1",
+            "NANOFLEET_OTA__POLL_INTERVAL_S": str(POLL_S),
+            "NANOFLEET_OTA__HEALTH__REQUESTS": "2",
+            "NANOFLEET_OTA__HEALTH__MAX_TOKENS": "8",
+            # The agents share the cores and update at once: one's timings vary with the
+            # others' load, so the gate gets wider slacks.
+            "NANOFLEET_OTA__HEALTH__FIRST_TOKEN_SLACK_S": str(GATE_FIRST_TOKEN_SLACK_S),
+            "NANOFLEET_OTA__HEALTH__TOKEN_TIME_SLACK_S": str(GATE_TOKEN_TIME_SLACK_S),
+            "NANOFLEET_MQTT__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
+        },
+    )
+    agent.start()
+    return agent
 
 
 def _work_dir_problem(work_dir: Path, agents: int) -> str | None:
@@ -184,52 +238,22 @@ def _run(
         laps.lap("coordinator")
 
         console.print(f"\n[bold]4.[/bold] provisioning, enrolling and starting {agents} device(s)")
-        from coordinator.registry import open_registry
-
         registry = open_registry(f"sqlite:///{ws.coordinator_dir / 'registry.sqlite3'}")
         try:
-            for name in names:
-                device_home = home / name
-                enrollment = wsp.provision(
-                    ws,
-                    name,
-                    device_home,
-                    group=groups[name],
-                    broker=(broker.host, broker.port),
-                    repository_url=f"{api.base_url}/repo",
-                    model_dir=model.path,
+            for name, group in groups.items():
+                registry.register_device(name, groups=(group,), actor="nanofleet demo")
+                fleet.agents.append(
+                    _enroll_and_start(
+                        ws,
+                        name,
+                        group,
+                        home / name,
+                        broker=(broker.host, broker.port),
+                        repository_url=f"{api.base_url}/repo",
+                        model_dir=model.path,
+                    )
                 )
-                registry.register_device(name, groups=(groups[name],), actor="nanofleet demo")
-                enroll = Child(
-                    f"{name}-enroll",
-                    [command("nanofleet-agent"), "enroll", str(enrollment), "--dest",
-                     str(device_home / "etc")],
-                    device_home / "enroll.log",
-                )  # fmt: skip
-                enroll.start()
-                if enroll.wait(60) != 0:
-                    raise CoordinatorError(f"{name}: enrollment failed:\n{enroll.tail()}")
-                enrollment.unlink()  # it holds the device key, now installed
-                agent = Child(
-                    name,
-                    [command("nanofleet-agent"), "run", "--config",
-                     str(device_home / "etc" / "agent.toml")],
-                    device_home / "agent.log",
-                    env={
-                        "NANOFLEET_MODEL__THREADS": "1",
-                        "NANOFLEET_OTA__POLL_INTERVAL_S": str(POLL_S),
-                        "NANOFLEET_OTA__HEALTH__REQUESTS": "2",
-                        "NANOFLEET_OTA__HEALTH__MAX_TOKENS": "8",
-                        # The agents share the cores and update at once: one's timings
-                        # vary with the others' load, so the gate gets wider slacks.
-                        "NANOFLEET_OTA__HEALTH__FIRST_TOKEN_SLACK_S": str(GATE_FIRST_TOKEN_SLACK_S),
-                        "NANOFLEET_OTA__HEALTH__TOKEN_TIME_SLACK_S": str(GATE_TOKEN_TIME_SLACK_S),
-                        "NANOFLEET_MQTT__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
-                    },
-                )  # fmt: skip
-                fleet.agents.append(agent)
-                agent.start()
-                console.print(f"   {name} ({groups[name]}): enrolled, agent pid {agent.pid}")
+                console.print(f"   {name} ({group}): enrolled, agent pid {fleet.agents[-1].pid}")
         finally:
             registry.engine.dispose()
         for agent in fleet.agents:
@@ -240,11 +264,14 @@ def _run(
 
         def all_online() -> bool:
             devices: list[dict[str, Any]] = api.get("/devices")["devices"]
-            return sum(1 for d in devices if d["online"] == "online") >= agents
+            up = [d for d in devices if d["online"] == "online" and d["health"] == "healthy"]
+            return len(up) >= agents
 
-        with console.status("waiting for every device to be online in the registry..."):
+        with console.status("waiting for every device to be online and healthy..."):
             poll(all_online, "every device online", ONLINE_S, fleet)
-        console.print(f"   registry: {agents}/{agents} devices online (GET /api/v1/devices)")
+        console.print(
+            f"   registry: {agents}/{agents} devices online and healthy (GET /api/v1/devices)"
+        )
         laps.lap("devices")
 
         console.print(f"\n[bold]5.[/bold] a streamed answer from {names[0]}")

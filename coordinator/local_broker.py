@@ -22,7 +22,8 @@ Invariants:
   root); when root, the directory and its files are given to group ``mosquitto``.
 - The process is started by this module and stopped by its PID only (SIGTERM, then SIGKILL
   after a grace period); the directory is removed afterwards.
-- Ready means a TLS handshake with the coordinator's certificate succeeds on the port.
+- Ready means a TLS handshake presenting the given client certificate (the coordinator's)
+  succeeds on the port.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ class LocalBroker:
     port: int
     directory: Path
     ca_file: Path
-    coordinator: pki.CredentialFiles
     process: subprocess.Popen[bytes]
 
     @property
@@ -162,13 +162,15 @@ def render_fleet_acl(fleet: Mapping[str, tuple[str, ...]]) -> str:
 def start_local_broker(
     ca: pki.Credential,
     fleet: Mapping[str, tuple[str, ...]],
+    probe: pki.CredentialFiles,
     *,
     ready_timeout_s: float = READY_TIMEOUT_S,
 ) -> LocalBroker:
     """Start mosquitto on a free loopback port with the production template, under mTLS.
 
     ``fleet`` maps device ids to their groups (the ACL); the broker's server certificate and
-    the coordinator's client certificate are issued from ``ca``.
+    its CRL are issued from ``ca``; ``probe`` is a client certificate from the same CA (the
+    coordinator's) presented to check that the broker is ready.
 
     Raises:
         ConfigError: mosquitto is not installed, or its files cannot be given to its group.
@@ -188,9 +190,6 @@ def start_local_broker(
         ca_file = directory / "ca.crt"
         pki.write_certificate(ca.certificate, ca_file)
         server = pki.write_credential(pki.issue_server(ca), directory, "broker", group=group)
-        coordinator = pki.write_credential(
-            pki.issue_service(ca, "coordinator"), directory, "coordinator"
-        )
         crl_file = directory / "crl.pem"
         pki.write_crl(pki.issue_crl(ca), crl_file)
         acl_file = directory / "acl"
@@ -198,7 +197,7 @@ def start_local_broker(
         _share(acl_file, group)
         config = directory / "mosquitto.conf"
         context = ssl.create_default_context(cafile=str(ca_file))
-        context.load_cert_chain(str(coordinator.certificate), str(coordinator.key))
+        context.load_cert_chain(str(probe.certificate), str(probe.key))
         template = TEMPLATE.read_text()
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = _free_port()
@@ -223,7 +222,7 @@ def start_local_broker(
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
-            broker = LocalBroker(HOST, port, directory, ca_file, coordinator, proc)
+            broker = LocalBroker(HOST, port, directory, ca_file, proc)
             deadline = time.monotonic() + ready_timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
                 if _handshake(port, context):

@@ -208,7 +208,9 @@ def _run(
         )
         laps.lap("workspace")
         with console.status("starting mosquitto..."):
-            fleet.broker = broker = start_local_broker(ws.ca, {n: (g,) for n, g in groups.items()})
+            fleet.broker = broker = start_local_broker(
+                ws.ca, {n: (g,) for n, g in groups.items()}, ws.coordinator_tls
+            )
         console.print(f"   mosquitto pid {broker.pid} on mqtts://{broker.host}:{broker.port}")
         laps.lap("broker")
 
@@ -221,7 +223,6 @@ def _run(
             port=port,
             broker=(broker.host, broker.port),
             broker_ca=broker.ca_file,
-            cert=broker.coordinator,
             heartbeat_interval_s=HEARTBEAT_S,
         )
         fleet.coordinator = coordinator = Child(

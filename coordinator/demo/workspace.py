@@ -7,7 +7,8 @@ Layout under the workspace root::
                    (0600) unless NANOFLEET_KEY_PASSPHRASE gave one
     repo/          the TUF repository the coordinator serves under /repo
     bundles/       the adapter bundle the demo releases
-    coordinator/   coordinator.toml, operator.token (0600), registry.sqlite3, serve.log
+    coordinator/   coordinator.toml, operator.token (0600), tls/ (its MQTT client
+                   certificate, CN svc:coordinator), registry.sqlite3, serve.log
     device-N/      one device: its enrollment file, etc/ (installed by
                    ``nanofleet-agent enroll``), state/, agent.sock, agent.log
 
@@ -58,6 +59,7 @@ class Workspace:
     root: Path
     ca: pki.Credential
     ca_files: pki.CredentialFiles
+    coordinator_tls: pki.CredentialFiles
     passphrase: str
 
     @property
@@ -79,7 +81,8 @@ class Workspace:
 
 
 def create_workspace(root: Path) -> Workspace:
-    """Create the fleet CA, the release keys and an empty signed repository under ``root``.
+    """Create the fleet CA, the coordinator's MQTT client certificate, the release keys and
+    an empty signed repository under ``root``.
 
     The keys' passphrase is ``NANOFLEET_KEY_PASSPHRASE`` when set, else a generated one
     kept in ``keys/passphrase`` (mode 0600).
@@ -97,7 +100,10 @@ def create_workspace(root: Path) -> Workspace:
         fd = os.open(keys / "passphrase", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(passphrase + "\n")
-    ws = Workspace(root, ca, ca_files, passphrase)
+    tls = root / "coordinator" / "tls"
+    tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+    coordinator_tls = pki.write_credential(pki.issue_service(ca, "coordinator"), tls, "coordinator")
+    ws = Workspace(root, ca, ca_files, coordinator_tls, passphrase)
     ring = KeyRing([keys], lambda _r, _k: passphrase.encode())
     for role in ROLES:
         ring.create(role)
@@ -217,7 +223,6 @@ def coordinator_config(
     port: int,
     broker: tuple[str, int],
     broker_ca: Path,
-    cert: pki.CredentialFiles,
     heartbeat_interval_s: float,
 ) -> Path:
     """Write the coordinator's settings and a fresh operator token; return the settings file."""
@@ -241,8 +246,8 @@ def coordinator_config(
             "host": broker[0],
             "port": broker[1],
             "ca_file": str(broker_ca),
-            "cert_file": str(cert.certificate),
-            "key_file": str(cert.key),
+            "cert_file": str(ws.coordinator_tls.certificate),
+            "key_file": str(ws.coordinator_tls.key),
         },
     }
     path = directory / "coordinator.toml"

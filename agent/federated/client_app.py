@@ -1,0 +1,135 @@
+"""The Flower ClientApp of a device: the agent's only flwr importer.
+
+It is installed with the agent and named by the run's app (``agent.federated.client_app:app``);
+no code comes from the network. Each message runs in a fresh process started by the
+SuperNode, so everything is loaded from the node config on each call:
+
+- ``data-path``: the device's local text store (SQLite), read here and nowhere else;
+- ``model-dir``: the base model directory the agent serves;
+- ``serving-marker`` (optional): a file that exists while the agent is serving; training
+  pauses between minibatches while it does.
+
+Handlers:
+
+- train: runs :func:`agent.federated.local.train_round` from the adapter the server sent
+  and returns the new adapter. Mods on the train handler only: SecAgg+ (when the server
+  runs the SecAgg+ workflow; it masks the update) around client-side fixed clipping (the
+  update ``new - sent`` is clipped to the run's L2 norm before it is masked).
+- evaluate: held-out perplexity on the device's held-out split, base and with the adapter.
+
+What leaves the device: the adapter arrays (clipped, masked), example counts, and the
+numbers listed in :class:`~agent.federated.local.RoundReport` metrics. Never text or ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.client import NumPyClient
+from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from agent.errors import TrainingInputError
+from agent.federated.local import (
+    FeatureConfig,
+    LocalModel,
+    evaluate_round,
+    serving_checkpoint,
+    train_round,
+)
+from agent.federated.trainer import Adapter, TrainConfig
+
+__all__ = ["app", "feature_config_from", "train_config_from"]
+
+Array = np.ndarray[Any, Any]
+Scalar = bool | bytes | float | int | str
+
+
+def train_config_from(config: dict[str, Scalar]) -> TrainConfig:
+    """The local training settings the server sent (unknown keys are ignored)."""
+    fields = {
+        "epochs": "epochs",
+        "learning-rate": "learning_rate",
+        "batch-rows": "batch_rows",
+        "l2": "l2",
+        "max-steps": "max_steps",
+        "max-compute-s": "max_compute_s",
+        "seed": "seed",
+    }
+    return TrainConfig.model_validate({fields[k]: v for k, v in config.items() if k in fields})
+
+
+def feature_config_from(config: dict[str, Scalar]) -> FeatureConfig:
+    return FeatureConfig(
+        window=int(config.get("window", FeatureConfig.window)),
+        max_rows=int(config.get("max-rows", FeatureConfig.max_rows)),
+    )
+
+
+def _adapter(parameters: list[Array]) -> Adapter:
+    if len(parameters) != 2:
+        raise TrainingInputError(f"a round sends 2 arrays (A, B), got {len(parameters)}")
+    return Adapter(a=np.asarray(parameters[0], np.float32), b=np.asarray(parameters[1], np.float32))
+
+
+class _DeviceClient(NumPyClient):
+    def __init__(self, node_config: dict[str, Scalar]) -> None:
+        self._data = Path(str(node_config["data-path"]))
+        self._model_dir = Path(str(node_config["model-dir"]))
+        marker = node_config.get("serving-marker")
+        self._marker = Path(str(marker)) if marker else None
+
+    def fit(
+        self, parameters: list[Array], config: dict[str, Scalar]
+    ) -> tuple[list[Array], int, dict[str, Scalar]]:
+        model = LocalModel(self._model_dir)
+        report = train_round(
+            model,
+            self._data,
+            _adapter(parameters),
+            train_config_from(config),
+            feature_config_from(config),
+            checkpoint=serving_checkpoint(self._marker),
+        )
+        # One "example" per device: the server's mean is unweighted, which client-level DP
+        # assumes, and the count of local positions does not leave the device.
+        return [report.adapter.a, report.adapter.b], 1, dict(report.metrics)
+
+    def evaluate(
+        self, parameters: list[Array], config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        model = LocalModel(self._model_dir)
+        nll, n, metrics = evaluate_round(
+            model, self._data, _adapter(parameters), feature_config_from(config)
+        )
+        return nll, n, dict(metrics)
+
+
+def _client_fn(context: Context) -> Any:
+    return _DeviceClient(dict(context.node_config)).to_client()
+
+
+def _secaggplus_when_asked(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """SecAgg+ for runs whose server runs the SecAgg+ workflow; plain train otherwise."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+app = ClientApp()
+
+
+@app.train(mods=[_secaggplus_when_asked, fixedclipping_mod])
+def _train(msg: Message, context: Context) -> Message:
+    return handle_legacy_message_from_msgtype(_client_fn, msg, context)
+
+
+@app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return handle_legacy_message_from_msgtype(_client_fn, msg, context)

@@ -1,0 +1,190 @@
+"""One device's part of a federated round, without Flower: load, train, evaluate.
+
+:mod:`agent.federated.client_app` (the only flwr importer of the agent) calls these with
+the node config (where the local data and the model are) and the round's settings, and
+sends back only what :func:`train_round` returns: the adapter (start plus a local delta)
+and a few numbers. Texts and token ids stay inside this module's locals.
+
+Invariants:
+
+- The model directory is loaded with its files verified; the adapter a round starts from
+  must fit it (``[hidden, r]``, ``[r, vocab]``, ``r <=`` the graph's adapter rank).
+- Training is bounded by :class:`~agent.federated.trainer.TrainConfig` budgets and yields
+  to serving through ``checkpoint`` (the ClientApp passes one that waits while the
+  device's serving marker file exists).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import TrainingInputError
+from agent.federated.datastore import LocalTextStore, Split
+from agent.federated.features import Features, extract_features
+from agent.federated.lm_head import read_lm_head
+from agent.federated.trainer import (
+    Adapter,
+    Checkpoint,
+    Directive,
+    TrainConfig,
+    evaluate,
+    train,
+)
+from agent.runtime.engine import Engine
+
+__all__ = [
+    "FeatureConfig",
+    "LocalModel",
+    "RoundReport",
+    "evaluate_round",
+    "serving_checkpoint",
+    "train_round",
+]
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How local texts become training positions."""
+
+    window: int = 128  # tokens per forward pass
+    max_rows: int = 20_000  # positions per split
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What a device sends back for a round: the adapter and numbers, never data."""
+
+    adapter: Adapter
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class LocalModel:
+    """The frozen model of a device as the trainer sees it (engine + LM head)."""
+
+    def __init__(self, model_dir: Path, *, threads: int = 1) -> None:
+        self.engine = Engine.load(model_dir, threads=threads)
+        self.w = read_lm_head(model_dir)
+        self.separator = self.engine.encode("\n\n")
+
+    def features(self, texts: list[str], config: FeatureConfig) -> Features:
+        """Hidden states and next-token targets of ``texts``.
+
+        Raises:
+            TrainingInputError: the texts hold fewer than two tokens.
+        """
+        token_lists = [self.engine.encode(t) for t in texts]
+        return extract_features(
+            self.engine,
+            token_lists,
+            window=config.window,
+            separator=self.separator,
+            max_rows=config.max_rows,
+        )
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Raises TrainingInputError when ``adapter`` does not fit this model."""
+        rank = adapter.a.shape[1] if adapter.a.ndim == 2 else 0
+        if (
+            adapter.a.shape != (self.engine.hidden_size, rank)
+            or adapter.b.shape != (rank, self.engine.vocab_size)
+            or not 1 <= rank <= self.engine.adapter_rank
+        ):
+            raise TrainingInputError(
+                f"the round's adapter {adapter.a.shape}/{adapter.b.shape} does not fit this "
+                f"model (hidden {self.engine.hidden_size}, vocab {self.engine.vocab_size}, "
+                f"rank <= {self.engine.adapter_rank})"
+            )
+
+
+def local_texts(data_path: Path, split: Split) -> list[str]:
+    """The texts of ``split`` in the device's store (read-only use)."""
+    store = LocalTextStore.open(data_path)
+    try:
+        return store.texts(split)
+    finally:
+        store.close()
+
+
+def serving_checkpoint(
+    marker: Path | None,
+    *,
+    poll_s: float = 0.005,
+    max_wait_s: float = 600.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Checkpoint:
+    """A checkpoint that pauses training while ``marker`` exists (the agent is serving).
+
+    The agent creates the marker when a request arrives and removes it when it is idle
+    again; the trainer then stops between two minibatches. A pause longer than
+    ``max_wait_s`` gives up the round (ABORT).
+    """
+
+    def checkpoint() -> Directive:
+        if marker is None:
+            return Directive.CONTINUE
+        began = clock()
+        while os.path.exists(marker):
+            if clock() - began > max_wait_s:
+                return Directive.ABORT
+            sleep(poll_s)
+        return Directive.CONTINUE
+
+    return checkpoint
+
+
+def train_round(
+    model: LocalModel,
+    data_path: Path,
+    start: Adapter,
+    config: TrainConfig,
+    features: FeatureConfig,
+    *,
+    checkpoint: Checkpoint | None = None,
+) -> RoundReport:
+    """Train ``start`` on the device's train split; return start + delta and numbers.
+
+    Raises:
+        TrainingInputError: the adapter does not fit the model, or too little local data.
+        LocalDataError: the store cannot be opened.
+    """
+    model.check_adapter(start)
+    data = model.features(local_texts(data_path, Split.TRAIN), features)
+    result = train(data.h, data.y, model.w, start, config, checkpoint=checkpoint)
+    adapter = Adapter(
+        a=(start.a + result.delta.a).astype(np.float32),
+        b=(start.b + result.delta.b).astype(np.float32),
+    )
+    metrics = {
+        "train_loss": float(result.train_loss) if result.train_loss is not None else 0.0,
+        "steps": float(result.steps),
+        "compute_s": float(result.compute_s),
+    }
+    return RoundReport(adapter=adapter, num_examples=result.num_examples, metrics=metrics)
+
+
+def evaluate_round(
+    model: LocalModel, data_path: Path, adapter: Adapter | None, features: FeatureConfig
+) -> tuple[float, int, dict[str, float]]:
+    """Held-out NLL, positions and perplexities (base and with ``adapter``) on the device.
+
+    Raises:
+        TrainingInputError: the adapter does not fit the model, or too little held-out data.
+    """
+    if adapter is not None:
+        model.check_adapter(adapter)
+    data = model.features(local_texts(data_path, Split.HELDOUT), features)
+    base = evaluate(data.h, data.y, model.w)
+    tuned = evaluate(data.h, data.y, model.w, adapter) if adapter is not None else base
+    metrics = {"perplexity": tuned.perplexity, "base_perplexity": base.perplexity}
+    return tuned.nll, int(data.y.shape[0]), metrics

@@ -1,0 +1,298 @@
+"""Round orchestration: run a personalization run on a SuperLink and package its result.
+
+A run is described by a :class:`RunSpec`; :func:`run_personalization` submits the app
+(:mod:`coordinator.federation.server_app`) to a running SuperLink, waits for it to end,
+reads the per-round figures and the aggregate, accounts epsilon and returns a finished
+:class:`protocol.rounds.RoundManifest`. :func:`package_adapter` turns the aggregate into
+an adapter bundle bound to the base model's hash, with the manifest's hash as
+provenance; :class:`coordinator.repository.Repository` ``add_bundle`` then signs it with
+the adapters key.
+
+Invariants:
+
+- the aggregate must be finite float32 ``[hidden, r]`` and ``[r, vocab]`` of the base;
+- the bundle is written into a fresh directory renamed into place when complete;
+- epsilon is reported for every run with noise (``None`` only without DP noise, where
+  the manifest's privacy section still records the clipping norm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.errors import RefusedError
+from coordinator.federation.accountant import epsilon as dp_epsilon
+from coordinator.federation.superlink import FlowerCli, RunFailedError, write_app
+from coordinator.repository import PublishedBundle, Repository
+from protocol.bundle import (
+    MANIFEST_NAME,
+    AdapterInfo,
+    BundleFile,
+    BundleKind,
+    BundleManifest,
+    Provenance,
+    bundle_hash,
+    canonical_json,
+)
+from protocol.rounds import FedAvg, Privacy, RoundManifest, SecAggPlus
+
+__all__ = [
+    "ADAPTER_FILE",
+    "ROUND_MANIFEST_FILE",
+    "RunResult",
+    "RunSpec",
+    "package_adapter",
+    "publish_adapter",
+    "run_personalization",
+]
+
+ADAPTER_FILE = "adapter.npz"  # the agent's adapter file name (agent.runtime.adapter)
+ROUND_MANIFEST_FILE = "round-manifest.json"
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run one personalization run."""
+
+    round_id: str
+    group: str
+    rounds: int
+    cohort_size: int
+    min_nodes: int
+    secaggplus: bool = True
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    #: Devices sampled per round / devices in the group (1.0: all take part every round).
+    sampling_rate: float = 1.0
+    rank: int = 8
+    seed: int = 0
+    #: Local training settings sent to devices (see server_app.DEVICE_KEYS).
+    device: dict[str, float | int] = field(
+        default_factory=lambda: {
+            "epochs": 2,
+            "learning-rate": 0.01,
+            "batch-rows": 64,
+            "l2": 0.0,
+            "max-steps": 500,
+            "max-compute-s": 60.0,
+            "window": 128,
+            "max-rows": 8000,
+        }
+    )
+    timeout_s: float = 600.0
+
+    def epsilon(self) -> float | None:
+        if self.noise_multiplier == 0:
+            return None
+        return dp_epsilon(
+            noise_multiplier=self.noise_multiplier,
+            sampling_rate=self.sampling_rate,
+            rounds=self.rounds,
+            delta=self.delta,
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    manifest: RoundManifest
+    rounds: list[dict[str, Any]]  # per-round figures as the ServerApp wrote them
+    lora_a: Array
+    lora_b: Array
+    log: str
+
+
+def _base_info(base: BundleManifest) -> tuple[int, int, int]:
+    if base.kind is not BundleKind.BASE or base.model is None:
+        raise RefusedError(f"{base.name} {base.version} is not a base model bundle")
+    return base.model.hidden_size, base.model.vocab_size, base.model.max_adapter_rank
+
+
+def run_personalization(
+    spec: RunSpec, base: BundleManifest, cli: FlowerCli, work_dir: Path
+) -> RunResult:
+    """Run ``spec`` against the SuperLink ``cli`` talks to; return the finished run.
+
+    Raises:
+        RefusedError: the spec does not fit the base model or the round manifest rules.
+        RunFailedError: the run failed, timed out, or left no aggregate.
+    """
+    hidden, vocab, max_rank = _base_info(base)
+    if not 1 <= spec.rank <= max_rank:
+        raise RefusedError(f"rank {spec.rank} is outside 1..{max_rank} of the base model")
+    started = datetime.now(UTC)
+    aggregation: FedAvg | SecAggPlus
+    if spec.secaggplus:
+        aggregation = SecAggPlus(
+            kind="secaggplus",
+            num_shares=spec.cohort_size,
+            reconstruction_threshold=max(2, spec.min_nodes - 1),
+            clipping_range=8.0,
+            quantization_range=1 << 22,
+        )
+    else:
+        aggregation = FedAvg(kind="fedavg")
+    manifest = RoundManifest(
+        round_id=spec.round_id,
+        group=spec.group,
+        rounds=spec.rounds,
+        cohort_size=spec.cohort_size,
+        min_nodes=spec.min_nodes,
+        adapter_rank=spec.rank,
+        aggregation=aggregation,
+        privacy=Privacy(
+            clip_norm=spec.clip_norm,
+            noise_multiplier=spec.noise_multiplier,
+            epsilon=None,
+            delta=spec.delta,
+        ),
+        base_bundle_sha256=bundle_hash(base),
+        started_at=started,
+    )
+    output = work_dir / "output"
+    shutil.rmtree(output, ignore_errors=True)
+    config: dict[str, Any] = {
+        "num-rounds": spec.rounds,
+        "cohort-size": spec.cohort_size,
+        "min-nodes": spec.min_nodes,
+        "secaggplus": spec.secaggplus,
+        "clip-norm": spec.clip_norm,
+        "noise-multiplier": spec.noise_multiplier,
+        "seed": spec.seed,
+        "rank": spec.rank,
+        "hidden": hidden,
+        "vocab": vocab,
+        "output-dir": str(output),
+        **spec.device,
+    }
+    if isinstance(aggregation, SecAggPlus):
+        config["num-shares"] = aggregation.num_shares
+        config["reconstruction-threshold"] = aggregation.reconstruction_threshold
+        config["clipping-range"] = aggregation.clipping_range
+        config["quantization-range"] = aggregation.quantization_range
+    app_dir = write_app(work_dir / "app", config)
+    log = cli.run(app_dir, {}, spec.timeout_s)
+    result_file = output / "result.npz"
+    if not result_file.exists():
+        raise RunFailedError(f"run {spec.round_id} left no aggregate:\n{log[-3000:]}")
+    with np.load(result_file, allow_pickle=False) as npz:
+        lora_a = np.asarray(npz["lora_a"], dtype=np.float32)
+        lora_b = np.asarray(npz["lora_b"], dtype=np.float32)
+    if (
+        lora_a.shape != (hidden, spec.rank)
+        or lora_b.shape != (spec.rank, vocab)
+        or not (np.isfinite(lora_a).all() and np.isfinite(lora_b).all())
+    ):
+        raise RunFailedError(f"run {spec.round_id}: the aggregate is malformed or not finite")
+    rounds = [
+        json.loads(line)
+        for line in (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    eps = spec.epsilon()
+    digest = hashlib.sha256(lora_a.tobytes() + lora_b.tobytes()).hexdigest()
+    privacy = manifest.privacy
+    assert privacy is not None
+    finished = manifest.model_copy(
+        update={
+            "privacy": privacy.model_copy(
+                update={"epsilon": eps if eps is not None and math.isfinite(eps) else None}
+            ),
+            "result_sha256": digest,
+            "finished_at": datetime.now(UTC),
+        }
+    )
+    finished = RoundManifest.model_validate(finished.model_dump())
+    return RunResult(manifest=finished, rounds=rounds, lora_a=lora_a, lora_b=lora_b, log=log)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def package_adapter(
+    result: RunResult, base: BundleManifest, out_dir: Path, *, name: str, version: str
+) -> BundleManifest:
+    """Write the run's aggregate as an adapter bundle directory ``out_dir``.
+
+    The bundle holds ``adapter.npz`` and the run's ``round-manifest.json``; its manifest
+    binds the base bundle's hash and tokenizer and names the run as provenance.
+
+    Raises:
+        RefusedError: the base is not a base bundle, or ``out_dir`` exists.
+    """
+    _, _, _ = _base_info(base)
+    assert base.model is not None
+    if out_dir.exists():
+        raise RefusedError(f"{out_dir} exists; package into a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with open(tmp / ADAPTER_FILE, "wb") as f:
+            np.savez(f, lora_a=result.lora_a, lora_b=result.lora_b)
+        round_bytes = canonical_json(result.manifest)
+        (tmp / ROUND_MANIFEST_FILE).write_bytes(round_bytes)
+        manifest = BundleManifest(
+            name=name,
+            version=version,
+            kind=BundleKind.ADAPTER,
+            files=[
+                BundleFile(path=p, sha256=_sha256(tmp / p), size=(tmp / p).stat().st_size)
+                for p in (ADAPTER_FILE, ROUND_MANIFEST_FILE)
+            ],
+            adapter=AdapterInfo(
+                target="lm_head",
+                rank=int(result.lora_a.shape[1]),
+                base_bundle_sha256=bundle_hash(base),
+                tokenizer_sha256=base.model.tokenizer_sha256,
+                provenance=Provenance(
+                    round_id=result.manifest.round_id,
+                    rounds=result.manifest.rounds,
+                    cohort_size=result.manifest.cohort_size,
+                    round_manifest_sha256=hashlib.sha256(round_bytes).hexdigest(),
+                    # TUF's canonical JSON has no floats, and the manifest travels in signed
+                    # target metadata: epsilon and delta stay in the round manifest, whose
+                    # hash is signed here and whose bytes ship in the bundle.
+                    epsilon=None,
+                    delta=None,
+                ),
+            ),
+        )
+        (tmp / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+        os.chmod(tmp, 0o755)  # noqa: S103 - an adapter bundle is public, like a model
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def publish_adapter(
+    repo: Repository, bundle_dir: Path, *, group: str, channel: str
+) -> PublishedBundle:
+    """Sign the adapter bundle with the adapters key and point ``group``'s ``channel`` at it.
+
+    Needs only online keys (snapshot, timestamp), the adapters key and the channels key:
+    the coordinator can ship a federated result without the key that signs base models.
+
+    Raises:
+        RefusedError: the bundle is not an adapter, is altered, or its base is not published.
+        SigningKeyError: a needed key is missing or locked.
+    """
+    published = repo.add_bundle(bundle_dir)
+    if published.manifest.kind is not BundleKind.ADAPTER:
+        raise RefusedError(f"{bundle_dir} is not an adapter bundle")
+    repo.point(group, channel, published.manifest.name, published.manifest.version)
+    return published

@@ -1,0 +1,224 @@
+"""The Flower ServerApp of a personalization run: the coordinator's only flwr importer
+(:mod:`coordinator.federation.superlink` runs Flower's processes and CLI without importing it).
+
+FedAvg over the LM-head adapter ``(A [hidden, r], B [r, vocab])`` in Flower's legacy
+workflow API, because SecAgg+ exists only there:
+
+- every run clips each device's update ``new - sent`` to ``clip-norm`` on the device
+  (``fixedclipping_mod``) and adds Gaussian noise of std ``noise-multiplier x clip-norm /
+  cohort`` to the mean (:class:`DifferentialPrivacyClientSideFixedClipping`): client-level
+  DP whose epsilon :mod:`coordinator.federation.accountant` reports. ``noise-multiplier``
+  0 is clipping only (epsilon infinite);
+- ``secaggplus = true`` runs the SecAgg+ workflow: the server only ever sees the sum.
+  Devices report one example each, so the mean is unweighted (the DP sensitivity
+  ``clip/cohort`` assumes equal weights) and SecAgg+'s ``max_weight`` is 1.
+
+Each round's fit and evaluate figures are appended to ``<output-dir>/metrics.jsonl``; the
+final aggregate is written to ``<output-dir>/result.npz`` (``lora_a``, ``lora_b``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.common import (
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+__all__ = ["METRICS_FILE", "RESULT_FILE", "app", "initial_adapter"]
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.npz"
+#: Keys of the run config that are handed to devices as their local training settings.
+DEVICE_KEYS = (
+    "epochs",
+    "learning-rate",
+    "batch-rows",
+    "l2",
+    "max-steps",
+    "max-compute-s",
+    "window",
+    "max-rows",
+)
+
+Array = np.ndarray[Any, Any]
+
+
+def initial_adapter(hidden: int, vocab: int, rank: int, seed: int) -> list[Array]:
+    """The LoRA start every device gets: ``A`` Gaussian (std ``1/sqrt(hidden)``), ``B`` zero,
+    so the first adapter leaves the base model's logits unchanged."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 1.0 / math.sqrt(hidden), size=(hidden, rank)).astype(np.float32)
+    return [a, np.zeros((rank, vocab), dtype=np.float32)]
+
+
+class _Recorder(Strategy):
+    """Delegates to ``inner``; keeps the latest aggregate and writes per-round figures."""
+
+    def __init__(self, inner: Strategy, output_dir: Path, constants: dict[str, Any]) -> None:
+        self.inner = inner
+        self.output_dir = output_dir
+        self.constants = constants
+        self.latest: Parameters | None = None
+        self._round: dict[int, dict[str, Any]] = {}
+
+    def _write(self, server_round: int, **figures: Any) -> None:
+        row = self._round.setdefault(server_round, {"round": server_round, **self.constants})
+        row.update(figures)
+        if "eval_nodes" in row:
+            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[Any],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        params, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        if params is not None:
+            self.latest = params
+        losses = [float(r.metrics.get("train_loss", 0.0)) for _, r in results if r.metrics]
+        compute = [float(r.metrics.get("compute_s", 0.0)) for _, r in results if r.metrics]
+        self._write(
+            server_round,
+            fit_results=len(results),
+            fit_failures=len(failures),
+            aggregated=params is not None,
+            train_loss=float(np.mean(losses)) if losses else None,
+            # Devices train in parallel: the round waits for the slowest.
+            train_compute_s=max(compute) if compute else 0.0,
+        )
+        return params, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> Any:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[Any],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
+        ratios = [
+            float(r.metrics["perplexity"]) / float(r.metrics["base_perplexity"])
+            for _, r in results
+            if "perplexity" in r.metrics and "base_perplexity" in r.metrics
+        ]
+        self._write(
+            server_round,
+            eval_nodes=len(results),
+            eval_failures=len(failures),
+            eval_nll=loss,
+            eval_perplexity=math.exp(loss) if loss is not None else None,
+            perplexity_ratio=float(np.mean(ratios)) if ratios else None,
+            device_perplexity=sorted(float(r.metrics["perplexity"]) for _, r in results),
+        )
+        return loss, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> Any:
+        return self.inner.evaluate(server_round, parameters)
+
+
+def _strategy(config: dict[str, Any], output_dir: Path) -> _Recorder:
+    cohort = int(config["cohort-size"])
+    min_nodes = int(config["min-nodes"])
+    device_config: dict[str, Scalar] = {k: config[k] for k in DEVICE_KEYS if k in config}
+
+    def fit_config(server_round: int) -> dict[str, Scalar]:
+        return {**device_config, "seed": int(config["seed"]) * 1000 + server_round}
+
+    fedavg = FedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=min_nodes,
+        min_evaluate_clients=min_nodes,
+        min_available_clients=cohort,
+        on_fit_config_fn=fit_config,
+        on_evaluate_config_fn=lambda _round: dict(device_config),
+        initial_parameters=ndarrays_to_parameters(
+            initial_adapter(
+                int(config["hidden"]),
+                int(config["vocab"]),
+                int(config["rank"]),
+                int(config["seed"]),
+            )
+        ),
+    )
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        fedavg,
+        noise_multiplier=float(config["noise-multiplier"]),
+        clipping_norm=float(config["clip-norm"]),
+        num_sampled_clients=cohort,
+    )
+    constants = {
+        "secaggplus": bool(config.get("secaggplus", False)),
+        "noise_stddev": dp.noise_multiplier * dp.clipping_norm / cohort,
+        "clip_norm": dp.clipping_norm,
+    }
+    return _Recorder(dp, output_dir, constants)
+
+
+app = ServerApp()
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    config = dict(context.run_config)
+    output_dir = Path(str(config["output-dir"]))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recorder = _strategy(config, output_dir)
+    legacy = LegacyContext(
+        context, config=ServerConfig(num_rounds=int(config["num-rounds"])), strategy=recorder
+    )
+    if bool(config.get("secaggplus", False)):
+        cohort = int(config["cohort-size"])
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=int(config.get("num-shares", cohort)),
+            reconstruction_threshold=int(config.get("reconstruction-threshold", 2)),
+            max_weight=1.0,
+            clipping_range=float(config.get("clipping-range", 8.0)),
+            quantization_range=int(config.get("quantization-range", 1 << 22)),
+        )
+        workflow = DefaultWorkflow(fit_workflow=fit_workflow)
+    else:
+        workflow = DefaultWorkflow()
+    workflow(grid, legacy)
+    if recorder.latest is None:
+        raise RuntimeError("no round produced an aggregate")
+    a, b = parameters_to_ndarrays(recorder.latest)
+    tmp = output_dir / f".{RESULT_FILE}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, lora_a=np.asarray(a, np.float32), lora_b=np.asarray(b, np.float32))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, output_dir / RESULT_FILE)

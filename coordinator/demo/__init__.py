@@ -17,7 +17,8 @@ The script, with progress shown throughout (:mod:`coordinator.demo.script`):
    group (the first device) and, once that rollout completed, for the fleet group (the
    others): starts a rollout through the operator API, points the group's signed channel
    at the release, and shows each device's state and bytes until all have committed it;
-7. (a hook for the federated round, not run until the federated engine lands);
+7. (a hook for the federated round: not run until an agent command starts a device's
+   SuperNode, see ``script._federated_round``);
 8. prints the fleet as the coordinator sees it, the processes, the dashboard's URL; then
    stops (``--exit``) or waits for Ctrl-C.
 

@@ -353,12 +353,20 @@ def _run(
 
 
 def _federated_round() -> str:
-    """Hook: run a federated round against the agents and roll out its adapter.
+    """Hook: run a federated round with the agents and roll out its adapter.
 
-    The federated engine (coordinator/federation, agent/federated) is being built; until it
-    offers a function that runs a round against running agents, the demo says so.
+    What it will call: start a SuperLink (:mod:`coordinator.federation.superlink`), have
+    each device run its SuperNode, then :func:`coordinator.federation.rounds.run_personalization`,
+    ``package_adapter`` and ``publish_adapter``, and roll the adapter out with
+    :func:`_roll_out` as step 6 does. What is missing: a device's SuperNode is started only
+    by ``agent.federated.supernode.SuperNode``, which no ``nanofleet-agent`` command (nor
+    ``run``) starts, and the demo drives the agent through its commands only (the coordinator
+    never imports the agent).
     """
-    return "[dim]not run: the federated engine has not landed in this build yet[/dim]"
+    return (
+        "[dim]not run: the round runner (coordinator.federation) is in, but no "
+        "nanofleet-agent command starts a device's SuperNode yet[/dim]"
+    )
 
 
 def _roll_out(

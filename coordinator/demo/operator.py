@@ -99,25 +99,25 @@ def follow_rollout(
 
 
 def summary(api: Api, updates: list[dict[str, Any]], adapter_size: int, base_size: int) -> Table:
-    """The fleet as the coordinator's API shows it, with each device's update."""
+    """The fleet as the coordinator's API shows it, with each device's update (fits 80
+    columns: bundles are named by the first 8 hex digits of their hash, listed below)."""
     by_device = {u["device_id"]: u for u in updates}
-    table = Table(
-        title="the fleet (GET /api/v1/devices)",
-        caption=f"bundle sizes: adapter {adapter_size:,} B, base model {base_size:,} B",
-    )
-    for col in ("device", "group", "state", "base", "adapter", "update", "downloaded"):
+    devices: list[dict[str, Any]] = api.get("/devices")["devices"]
+    bundles: dict[str, str] = {}
+    table = Table(title="the fleet (GET /api/v1/devices)")
+    for col in ("device", "state", "base", "adapter", "update", "downloaded"):
         table.add_column(col, no_wrap=True)
-    for d in api.get("/devices")["devices"]:
+    for d in devices:
         u = by_device.get(d["id"], {})
-        base = d.get("base") or {}
-        adapter = d.get("adapter") or {}
-        table.add_row(
-            d["id"],
-            ",".join(d.get("groups") or ()),
-            f"{d['online']}/{d.get('health')}",
-            str(base.get("sha256", "-"))[:8],
-            f"{adapter['name']} {adapter['version']} {adapter['sha256'][:8]}" if adapter else "-",
-            str(u.get("state", "-")),
-            f"{u.get('bytes_done', 0):,} B",
-        )
+        row = [d["id"], f"{d['online']}/{d.get('health')}"]
+        for kind in ("base", "adapter"):
+            bundle = d.get(kind)
+            if bundle:
+                bundles[bundle["sha256"][:8]] = f"{bundle['name']} {bundle['version']}"
+            row.append(bundle["sha256"][:8] if bundle else "-")
+        row += [str(u.get("state", "-")), f"{u.get('bytes_done', 0):,} B"]
+        table.add_row(*row)
+    table.caption = "; ".join(f"{h} = {name}" for h, name in bundles.items()) + (
+        f"\nbundle sizes: adapter {adapter_size:,} B, base model {base_size:,} B"
+    )
     return table

@@ -54,10 +54,13 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
     assert sizes is not None, out
     adapter_size, base_size = (int(n.replace(",", "")) for n in sizes.groups())
     assert adapter_size < base_size / 50
+    adapter_sha = re.search(r"nano-tuned 1 \(([0-9a-f]{12})\)", out)
+    assert adapter_sha is not None, out
+    assert f"{adapter_sha[1][:8]} = nano-tuned 1" in out, out
     for device in DEVICES:
         row = re.search(
-            rf"│ {device} +│ \w+ +│ online/healthy +│ \w+ +│ nano-tuned 1 \w+ +│ committed +│ "
-            r"([\d,]+) B +│",
+            rf"│ {device} +│ online/healthy +│ [0-9a-f]{{8}} +│ {adapter_sha[1][:8]} +│ "
+            r"committed +│ ([\d,]+) B +│",
             out,
         )
         assert row is not None, out

@@ -39,6 +39,7 @@ import os
 import selectors
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -109,6 +110,100 @@ def transfer_floor(url: str, repo_path: Path) -> float:
     return time.perf_counter() - started
 
 
+NGINX_INSTALL = "apt-get install nginx-light  (Debian; or any nginx on PATH or in /usr/sbin)"
+
+
+def nginx_binary() -> Path | None:
+    """The nginx executable, or None when it is not installed."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    return Path(found) if found else None
+
+
+def _nginx_config(work: Path, repo_path: Path, port: int) -> Path:
+    """A config serving ``repo_path`` read-only at ``/repo/`` on 127.0.0.1:``port``, as a
+    static host or CDN would: sendfile, no links followed, no listing, no logs kept."""
+    lines = [
+        "daemon off;",
+        "worker_processes 1;",
+        f"pid {work / 'nginx.pid'};",
+        f"error_log {work / 'error.log'} warn;",
+        "events { worker_connections 64; }",
+        "http {",
+        "  access_log off;",
+        "  sendfile on;",
+        "  tcp_nopush on;",
+        "  types { application/json json; }",
+        "  default_type application/octet-stream;",
+        f"  client_body_temp_path {work / 'body'};",
+        f"  proxy_temp_path {work / 'proxy'};",
+        f"  fastcgi_temp_path {work / 'fastcgi'};",
+        f"  uwsgi_temp_path {work / 'uwsgi'};",
+        f"  scgi_temp_path {work / 'scgi'};",
+        "  server {",
+        f"    listen 127.0.0.1:{port};",
+        "    disable_symlinks on;",
+        f"    location /repo/ {{ alias {repo_path}/; }}",
+        "  }",
+        "}",
+    ]
+    if os.geteuid() == 0:
+        # Workers would drop to "nobody", who cannot read this run's private directory.
+        import pwd
+
+        lines.insert(0, f"user {pwd.getpwuid(os.geteuid()).pw_name};")
+    config = work / "nginx.conf"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+class StaticHost:
+    """nginx serving a repository directory on a free loopback port; stopped by its PID."""
+
+    def __init__(self, binary: Path, repo_path: Path, work: Path) -> None:
+        self._binary, self._repo, self._work = binary, repo_path, work
+        self._process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> StaticHost:
+        self._work.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = _nginx_config(self._work, self._repo, port)
+        log = (self._work / "nginx.out").open("wb")
+        self._process = subprocess.Popen(
+            [str(self._binary), "-p", str(self._work), "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:  # ready when it accepts connections
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"nginx exited with status {self._process.returncode}: "
+                    f"{(self._work / 'nginx.out').read_text(errors='replace')[-2000:]}"
+                )
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError("nginx did not accept connections within 10 s") from None
+                time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{port}/repo"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()  # the master stops its worker
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
 def _serve_repo(path: Path, urls: Any, stop: Any) -> None:
     from tests.support.ota_fleet import RepoServer
 
@@ -118,75 +213,95 @@ def _serve_repo(path: Path, urls: Any, stop: Any) -> None:
 
 
 def install_runs(model_dir: Path, runs: int, work: Path) -> dict[str, Any]:
+    """(a) against the coordinator's Python server, then against a static host (nginx)."""
     from tests.support.ota_fleet import ReleaseRepo
 
     repo = ReleaseRepo(work / "install")
     repo.publish(model_dir, GROUP, CHANNEL)
     files = [p for p in sorted(model_dir.rglob("*")) if p.is_file()]
-    total = sum(p.stat().st_size for p in files)
-    results = []
     # The repository server runs in its own process, as it would on the coordinator.
     ctx = mp.get_context("spawn")
     urls, stop = ctx.Queue(), ctx.Event()
     server_process = ctx.Process(target=_serve_repo, args=(repo.path, urls, stop))
     server_process.start()
     try:
-        url = urls.get(timeout=60)
-        for run in range(runs):
-            device = work / f"device-{run}"
-            client = RepositoryClient(
-                root=repo.root_file.read_bytes(),
-                metadata_dir=device / "tuf",
-                metadata_url=f"{url}/metadata/",
-                targets_url=f"{url}/targets/",
-                fetcher=HttpFetcher(),
-            )
-            store, slots = BlobStore(device / "blobs"), SlotManager(device / "slots")
-            floor = transfer_floor(url, repo.path)
-            raw = sha256_pass(files)
-            started = time.perf_counter()
-            plan = client.check(GROUP, CHANNEL, None)
-            if plan is None:
-                raise RuntimeError("the channel names nothing")
-            checked = time.perf_counter()
-            client.fetch(plan, store, lambda done, total: None)
-            fetched = time.perf_counter()
-            slot = slots.inactive()
-            slots.stage(slot, plan, store)
-            installed = time.perf_counter()
-            served = load_served(slots.base_dir(slot), None, threads=2)
-            slots.commit(slot, plan)
-            activated = time.perf_counter()
-            raw_after = sha256_pass(files)
-            del served
-            sha = (raw + raw_after) / 2
-            results.append(
-                {
-                    "install_s": installed - started,
-                    "check_s": checked - started,
-                    "fetch_s": fetched - checked,
-                    "stage_s": installed - fetched,
-                    "activate_s": activated - installed,
-                    "sha256_s": sha,
-                    "transfer_floor_s": floor,
-                }
-            )
-            print(
-                f"  install run {run + 1}: {results[-1]['install_s']:.3f} s install, "
-                f"{results[-1]['activate_s']:.3f} s activation, {sha:.3f} s sha256 "
-                f"({total / 1e6:.1f} MB; metadata {results[-1]['check_s']:.3f} s, download "
-                f"{results[-1]['fetch_s']:.3f} s, staging {results[-1]['stage_s']:.3f} s; "
-                f"bytes pulled and dropped {floor:.3f} s)",
-                flush=True,
-            )
-            shutil.rmtree(device)
+        print("  served by the coordinator's repository routes (uvicorn)", flush=True)
+        figures = install_series(urls.get(timeout=60), repo, files, runs, work)
     finally:
         stop.set()
         server_process.join(30)
+    binary = nginx_binary()
+    if binary is None:
+        print(
+            f"  SKIPPED: the static-host series needs nginx, which is not installed "
+            f"({NGINX_INSTALL})",
+            flush=True,
+        )
+        figures["static_host"] = None
+        return figures
+    print(f"  served by a static host ({binary}, sendfile)", flush=True)
+    with StaticHost(binary, repo.path, work / "nginx") as host:
+        figures["static_host"] = install_series(host.url, repo, files, runs, work)
+    return figures
+
+
+def install_series(url: str, repo: Any, files: list[Path], runs: int, work: Path) -> dict[str, Any]:
+    """``runs`` installs on fresh devices from the repository at ``url``; medians."""
+    total = sum(p.stat().st_size for p in files)
+    results = []
+    for run in range(runs):
+        device = work / f"device-{run}"
+        client = RepositoryClient(
+            root=repo.root_file.read_bytes(),
+            metadata_dir=device / "tuf",
+            metadata_url=f"{url}/metadata/",
+            targets_url=f"{url}/targets/",
+            fetcher=HttpFetcher(),
+        )
+        store, slots = BlobStore(device / "blobs"), SlotManager(device / "slots")
+        floor = transfer_floor(url, repo.path)
+        raw = sha256_pass(files)
+        started = time.perf_counter()
+        plan = client.check(GROUP, CHANNEL, None)
+        if plan is None:
+            raise RuntimeError("the channel names nothing")
+        checked = time.perf_counter()
+        client.fetch(plan, store, lambda done, total: None)
+        fetched = time.perf_counter()
+        slot = slots.inactive()
+        slots.stage(slot, plan, store)
+        installed = time.perf_counter()
+        served = load_served(slots.base_dir(slot), None, threads=2)
+        slots.commit(slot, plan)
+        activated = time.perf_counter()
+        raw_after = sha256_pass(files)
+        del served
+        sha = (raw + raw_after) / 2
+        results.append(
+            {
+                "install_s": installed - started,
+                "check_s": checked - started,
+                "fetch_s": fetched - checked,
+                "stage_s": installed - fetched,
+                "activate_s": activated - installed,
+                "sha256_s": sha,
+                "transfer_floor_s": floor,
+            }
+        )
+        print(
+            f"  install run {run + 1}: {results[-1]['install_s']:.3f} s install, "
+            f"{results[-1]['activate_s']:.3f} s activation, {sha:.3f} s sha256 "
+            f"({total / 1e6:.1f} MB; metadata {results[-1]['check_s']:.3f} s, download "
+            f"{results[-1]['fetch_s']:.3f} s, staging {results[-1]['stage_s']:.3f} s; "
+            f"bytes pulled and dropped {floor:.3f} s)",
+            flush=True,
+        )
+        shutil.rmtree(device)
     inst = median(r["install_s"] for r in results)
     act = median(r["activate_s"] for r in results)
     sha = median(r["sha256_s"] for r in results)
     return {
+        "runs": runs,
         "bytes": total,
         "install_s": round(inst, 4),
         "activate_s": round(act, 4),
@@ -496,6 +611,7 @@ def main() -> int:
     parser.add_argument("--swap-runs", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=8.0)
     parser.add_argument("--skip-swap", action="store_true")
+    parser.add_argument("--skip-fanout", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -517,59 +633,65 @@ def main() -> int:
                 "swap_p99_ms": median(r["swap_p99_ms"] for r in runs),
                 "p99_ratio": median(r["p99_ratio"] for r in runs),
             }
-        print(f"(c) fan-out to {args.subscribers} subscribers", flush=True)
-        fan = [fanout_run(args.subscribers, args.processes) for _ in range(args.runs)]
-        # The same, each device then fetching and verifying the new timestamp.json from
-        # the repository (served by its own process).
-        from tests.support.ota_fleet import ReleaseRepo
+        if not args.skip_fanout:
+            print(f"(c) fan-out to {args.subscribers} subscribers", flush=True)
+            fan = [fanout_run(args.subscribers, args.processes) for _ in range(args.runs)]
+            # The same, each device then fetching and verifying the new timestamp.json from
+            # the repository (served by its own process).
+            from tests.support.ota_fleet import ReleaseRepo
 
-        repo = ReleaseRepo(work / "fanout")
-        ctx = mp.get_context("spawn")
-        urls, stop = ctx.Queue(), ctx.Event()
-        server_process = ctx.Process(target=_serve_repo, args=(repo.path, urls, stop))
-        server_process.start()
-        try:
-            url = urls.get(timeout=60)
-            verified = [
-                fanout_run(
-                    args.subscribers,
-                    args.processes,
-                    url,
-                    repo.root_file.read_bytes(),
-                    repo.timestamp_version(),
-                )
-                for _ in range(args.runs)
-            ]
-        finally:
-            stop.set()
-            server_process.join(30)
-        figures["fanout"] = {
-            "runs": fan,
-            "verified_runs": verified,
-            "subscribers": args.subscribers,
-            "all_received": all(f["received"] == args.subscribers for f in fan + verified),
-            "fanout_s": median(f["fanout_s"] for f in fan),
-            "fanout_verified_s": median(f["fanout_s"] for f in verified),
-        }
-    i, s, f = figures["install"], figures.get("swap"), figures["fanout"]
+            repo = ReleaseRepo(work / "fanout")
+            ctx = mp.get_context("spawn")
+            urls, stop = ctx.Queue(), ctx.Event()
+            server_process = ctx.Process(target=_serve_repo, args=(repo.path, urls, stop))
+            server_process.start()
+            try:
+                url = urls.get(timeout=60)
+                verified = [
+                    fanout_run(
+                        args.subscribers,
+                        args.processes,
+                        url,
+                        repo.root_file.read_bytes(),
+                        repo.timestamp_version(),
+                    )
+                    for _ in range(args.runs)
+                ]
+            finally:
+                stop.set()
+                server_process.join(30)
+            figures["fanout"] = {
+                "runs": fan,
+                "verified_runs": verified,
+                "subscribers": args.subscribers,
+                "all_received": all(f["received"] == args.subscribers for f in fan + verified),
+                "fanout_s": median(f["fanout_s"] for f in fan),
+                "fanout_verified_s": median(f["fanout_s"] for f in verified),
+            }
+    i, s, f = figures["install"], figures.get("swap"), figures.get("fanout")
     print()
-    print(
-        f"install {i['install_s']:.3f} s / sha256 {i['sha256_s']:.3f} s = "
-        f"{i['install_over_sha256']:.2f} (goal <= 1.2); with activation "
-        f"{i['install_and_activate_over_sha256']:.2f}; the HTTP transfer alone (bytes "
-        f"dropped) takes {i['transfer_floor_s']:.3f} s"
-    )
+    for label, series in (("Python server", i), ("static host", i["static_host"])):
+        if series is None:
+            print(f"install from a static host: SKIPPED, nginx is not installed ({NGINX_INSTALL})")
+            continue
+        print(
+            f"install from the {label}: {series['install_s']:.3f} s / sha256 "
+            f"{series['sha256_s']:.3f} s = {series['install_over_sha256']:.2f} (goal <= 1.2); "
+            f"with activation {series['install_and_activate_over_sha256']:.2f}; the HTTP "
+            f"transfer alone (bytes dropped) takes {series['transfer_floor_s']:.3f} s"
+        )
     if s is not None:
         print(
             f"swap: {s['failed_total']} failed requests (goal 0); first-token p99 "
             f"{s['swap_p99_ms']} ms during / {s['idle_p99_ms']} ms idle = {s['p99_ratio']} "
             "(goal <= 1.5)"
         )
-    print(
-        f"fan-out to {f['subscribers']}: {f['fanout_s']:.3f} s received and decoded; "
-        f"{f['fanout_verified_s']:.3f} s until each also verified the new timestamp.json "
-        "(goal <= 5 s)"
-    )
+    if f is not None:
+        print(
+            f"fan-out to {f['subscribers']}: {f['fanout_s']:.3f} s received and decoded; "
+            f"{f['fanout_verified_s']:.3f} s until each also verified the new timestamp.json "
+            "(goal <= 5 s)"
+        )
     print(json.dumps({"benchmark": "ota", **figures}))
     return 0
 

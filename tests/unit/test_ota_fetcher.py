@@ -120,3 +120,13 @@ def test_an_unreachable_server_is_a_download_error() -> None:
 def test_limits_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         FetchLimits(**{field: value})
+
+
+def test_large_reads_still_hand_over_each_piece_as_it_arrives(server: RepoHTTPServer) -> None:
+    # Reads are large (few, big pieces for the store to hash and write), but a read never
+    # waits to fill its buffer: a trickling server's pieces reach the rate watchdog at once.
+    assert FetchLimits().chunk_bytes >= 1024 * 1024
+    server.faults.throttle_bytes_per_s = 200_000  # 10,000-byte pieces over 1.5 s
+    pieces = [len(c) for c in HttpFetcher().stream(f"{server.url}/blob")]
+    assert sum(pieces) == len(BODY)
+    assert len(pieces) >= 2  # a read that waited to fill 1 MiB would yield the body whole

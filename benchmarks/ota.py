@@ -8,7 +8,10 @@ Three measurements, each repeated ``--runs`` times; medians are printed with the
     + staging into the slot, and separately the activation (loading and checking the
     model). Measured side by side in the same run: one sha256 pass over the same bytes
     (read from the page cache). Ratio: install / sha256 (goal <= 1.2), and
-    (install + activation) / sha256 for the whole path.
+    (install + activation) / sha256 for the whole path. The series is run twice: against
+    the coordinator's Python server, then against nginx serving the same directory (any
+    static host or CDN can serve a repository); without nginx that series is skipped with
+    the command that installs it.
 (b) Hot swap under 8 streaming clients: the real agent daemon serves the real model to 8
     threads that stream chat completions back to back; a new release (the same weights
     under another version, so the swap is a full engine load) is published; the agent
@@ -24,7 +27,8 @@ Three measurements, each repeated ``--runs`` times; medians are printed with the
     server and verified it against the pinned root (goal <= 5 s). The rest of a device's
     refresh (snapshot, targets, channel pointer) is measured in (a) as ``metadata_s``.
 
-    .venv/bin/python benchmarks/ota.py [--runs 3] [--skip-swap] [--subscribers 1000]
+    .venv/bin/python benchmarks/ota.py [--runs 3] [--skip-swap] [--skip-fanout]
+        [--subscribers 1000]
 
 Ends with one JSON line of every figure.
 """

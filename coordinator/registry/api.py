@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -113,6 +113,7 @@ MAX_ACTOR: Final = 128  # characters
 MAX_REASON: Final = 1024  # characters
 MAX_AUDIT_DETAILS: Final = 16 * 1024  # bytes of JSON
 _IN_CHUNK: Final = 500  # ids per IN (...) clause
+_ROWS_PER_STATEMENT: Final = 500  # rows per multi-row INSERT (SQLite's bound-variable limit)
 POLICY_ACTOR: Final = "policy"
 
 Incoming = tuple[str, DeviceStatus | HeartbeatMessage | UpdateProgress, datetime]
@@ -305,16 +306,19 @@ class Registry:
             known: set[str] = set()
             for chunk in _chunks(ids):
                 known.update(s.scalars(select(Device.id).where(Device.id.in_(chunk))))
-            results: list[Ingest] = []
-            for device_id, message, received_at in batch:
+            results: list[Ingest] = [Ingest.UNKNOWN_DEVICE] * len(batch)
+            beats: list[tuple[int, str, HeartbeatMessage, datetime]] = []
+            for index, (device_id, message, received_at) in enumerate(batch):
                 if device_id not in known:
-                    results.append(Ingest.UNKNOWN_DEVICE)
-                elif isinstance(message, HeartbeatMessage):
-                    results.append(self._heartbeat(s, device_id, message, received_at))
+                    continue
+                if isinstance(message, HeartbeatMessage):
+                    beats.append((index, device_id, message, received_at))
                 elif isinstance(message, DeviceStatus):
-                    results.append(self._status(s, device_id, message, received_at))
+                    results[index] = self._status(s, device_id, message, received_at)
                 else:
-                    results.append(self._progress(s, device_id, message, received_at))
+                    results[index] = self._progress(s, device_id, message, received_at)
+            if beats:
+                self._heartbeats(s, beats, results)
             return results
 
     def _status(self, s: Session, device_id: str, msg: DeviceStatus, received: datetime) -> Ingest:
@@ -352,44 +356,79 @@ class Registry:
         )
         return Ingest.APPLIED if _rowcount(result) else Ingest.STALE
 
-    def _heartbeat(
-        self, s: Session, device_id: str, msg: HeartbeatMessage, received: datetime
-    ) -> Ingest:
-        at = min(msg.sent_at, received + MAX_CLOCK_SKEW)
-        values = {
-            "device_id": device_id,
-            "sent_at": at,
-            "received_at": received,
-            "health": msg.health,
-            "base_sha256": msg.base_sha256,
-            "uptime_s": msg.uptime_s,
-            "load_1m": msg.load_1m,
-            "free_disk_bytes": msg.free_disk_bytes,
-        }
+    def _heartbeats(
+        self,
+        s: Session,
+        beats: Sequence[tuple[int, str, HeartbeatMessage, datetime]],
+        results: list[Ingest],
+    ) -> None:
+        """Apply a batch's heartbeats with a few statements per batch, not per message.
+
+        Heartbeats touch only their own table, the hourly counters and ``last_seen``, so
+        applying them together after the batch's other messages changes nothing. Per
+        device, the newest one is written; each is judged against the stored one and the
+        ones before it in the batch, as if written one at a time.
+        """
+        newest: dict[str, datetime] = {}
+        ids = sorted({device_id for _, device_id, _, _ in beats})
+        for chunk in _chunks(ids):
+            query = select(Heartbeat.device_id, Heartbeat.sent_at)
+            for device_id, sent_at in s.execute(query.where(Heartbeat.device_id.in_(chunk))):
+                newest[device_id] = sent_at
+        rows: dict[str, dict[str, Any]] = {}
+        hours: Counter[tuple[str, datetime]] = Counter()
+        seen: dict[str, datetime] = {}
+        for index, device_id, msg, received in beats:
+            at = min(msg.sent_at, received + MAX_CLOCK_SKEW)
+            before = newest.get(device_id)
+            if before is None or before < at:
+                newest[device_id] = at
+                results[index] = Ingest.APPLIED
+                rows[device_id] = {
+                    "device_id": device_id,
+                    "sent_at": at,
+                    "received_at": received,
+                    "health": msg.health,
+                    "base_sha256": msg.base_sha256,
+                    "uptime_s": msg.uptime_s,
+                    "load_1m": msg.load_1m,
+                    "free_disk_bytes": msg.free_disk_bytes,
+                }
+            else:
+                results[index] = Ingest.STALE
+            hours[(device_id, _hour(received))] += 1
+            if device_id not in seen or seen[device_id] < received:
+                seen[device_id] = received
         upsert = self._upsert(s)
-        stmt = upsert(Heartbeat).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Heartbeat.device_id],
-            set_={k: stmt.excluded[k] for k in values if k != "device_id"},
-            where=Heartbeat.sent_at < stmt.excluded.sent_at,
-        ).returning(Heartbeat.device_id)
-        applied = s.execute(stmt).first() is not None
-        hour = upsert(HeartbeatHour).values(device_id=device_id, hour=_hour(received), count=1)
-        s.execute(
-            hour.on_conflict_do_update(
-                index_elements=[HeartbeatHour.device_id, HeartbeatHour.hour],
-                set_={"count": HeartbeatHour.count + 1},
+        latest = list(rows.values())
+        for start in range(0, len(latest), _ROWS_PER_STATEMENT):
+            stmt = upsert(Heartbeat).values(latest[start : start + _ROWS_PER_STATEMENT])
+            s.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[Heartbeat.device_id],
+                    set_={k: stmt.excluded[k] for k in latest[0] if k != "device_id"},
+                    where=Heartbeat.sent_at < stmt.excluded.sent_at,
+                )
             )
-        )
-        s.execute(
-            update(Device)
+        counts = [{"device_id": d, "hour": h, "count": n} for (d, h), n in hours.items()]
+        for start in range(0, len(counts), _ROWS_PER_STATEMENT):
+            stmt = upsert(HeartbeatHour).values(counts[start : start + _ROWS_PER_STATEMENT])
+            s.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[HeartbeatHour.device_id, HeartbeatHour.hour],
+                    set_={"count": HeartbeatHour.count + stmt.excluded["count"]},
+                )
+            )
+        devices = cast(Table, Device.__table__)
+        s.connection().execute(
+            update(devices)
             .where(
-                Device.id == device_id, or_(Device.last_seen.is_(None), Device.last_seen < received)
+                devices.c.id == bindparam("b_id"),
+                or_(devices.c.last_seen.is_(None), devices.c.last_seen < bindparam("b_seen")),
             )
-            .values(last_seen=received)
-            .execution_options(synchronize_session=False)
+            .values(last_seen=bindparam("b_seen")),
+            [{"b_id": d, "b_seen": t} for d, t in seen.items()],
         )
-        return Ingest.APPLIED if applied else Ingest.STALE
 
     def _progress(
         self, s: Session, device_id: str, msg: UpdateProgress, received: datetime

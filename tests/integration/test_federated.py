@@ -91,6 +91,8 @@ def federated_round(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -
             name = f"kiosk-{piece.index}"
             texts[name] = piece.train_texts() + piece.heldout_texts()
             fleet.add_device(name, texts[name])
+        # A fourth box whose node key the operator never registered.
+        fleet.add_device("intruder", texts["kiosk-0"][:3], register=False)
         result = run_personalization(SPEC, base, fleet.cli, work / "run")
         uploaded = fleet.proxy.uploaded()
         yield Round(result, fleet, uploaded, texts, work, model_dir)
@@ -115,8 +117,18 @@ def test_three_supernodes_run_two_rounds_with_secagg_and_dp(federated_round: Rou
     # The adapter learned the domain: held-out perplexity of every device went down.
     assert result.rounds[-1]["perplexity_ratio"] < 0.99
     # The devices' SuperNodes authenticated with TLS and node keys and ran installed code.
-    for device in federated_round.fleet.devices:
+    registered = federated_round.fleet.devices[:3]
+    for device in registered:
         assert "Start `flwr-clientapp` process" in device.node.log_text()
+
+
+def test_an_unregistered_node_is_refused(federated_round: Round) -> None:
+    intruder = federated_round.fleet.devices[3]
+    assert intruder.name == "intruder"
+    # It never got a message, and the rounds ran on the three registered devices only.
+    assert "Received successfully" not in intruder.node.log_text()
+    assert "Start `flwr-clientapp` process" not in intruder.node.log_text()
+    assert all(row["eval_nodes"] == 3 for row in federated_round.result.rounds)
 
 
 def test_the_aggregate_is_a_signed_adapter_release_that_changes_the_greedy_answer(
@@ -189,7 +201,7 @@ def test_no_training_text_leaves_the_device(federated_round: Round) -> None:
     assert b"base_perplexity" in uploaded
     assert b"train_loss" in uploaded
     engine = Engine.load(federated_round.model_dir, threads=1)
-    for texts in federated_round.texts.values():
+    for texts in federated_round.texts.values():  # the three registered devices' texts
         for text in texts:
             data = text.encode("utf-8")
             for start in range(0, max(1, len(data) - 24), 24):

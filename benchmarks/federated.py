@@ -1,0 +1,321 @@
+"""Federated personalization: utility, privacy, upload size and Flower overhead.
+
+Three parts, one JSON line of every figure at the end:
+
+1. **Utility and privacy (in process, the real Nano model).** Three devices of group
+   ``alpha`` (each its own slice of the NumPy docs, with a held-out part) and the general
+   held-out text (Python's language reference). The frozen model's hidden states are
+   computed once per text (the ClientApp recomputes them every message; the arithmetic is
+   the same), then K rounds of FedAvg over the LM-head adapter exactly as the ServerApp
+   runs them: each device trains from the round's adapter with the NumPy trainer, its
+   update is clipped to ``clip`` (L2), the server averages and adds Gaussian noise of std
+   ``z * clip / cohort``, with ``z`` calibrated by the RDP accountant for epsilon = inf
+   (clipping only), 8 and 2 at delta 1e-5. Figures: each device's held-out perplexity
+   before/after, the general perplexity change. Several seeds, medians.
+2. **A large cohort (in process, a small model).** Client-level DP needs a crowd: the
+   same protocol with many light clients (each a small slice of the domain, one local
+   epoch), a sampled cohort per round (``q = cohort / population``), on the tiny model of
+   the test suite (same builder, vocabulary ~380) so hundreds of clients fit in minutes.
+3. **Flower overhead (real processes, tiny model).** A SuperLink and 3 SuperNodes on
+   loopback (TLS, node auth): our app (FedAvg, clipping, no SecAgg) vs Flower's minimal
+   NumPy app (a ClientApp that returns the arrays it got) for the same rounds; the ratio
+   of round times after removing our on-device training compute. Bytes each device
+   uploaded per round are counted by a TLS-terminating proxy, and compared with the
+   adapter's raw size and the base bundle's size (real model figures computed from the
+   measured overhead factor).
+
+    .venv/bin/python benchmarks/federated.py [--rounds 5] [--seeds 1] [--population 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.federated.features import Features, extract_features  # noqa: E402
+from agent.federated.lm_head import read_lm_head  # noqa: E402
+from agent.federated.trainer import Adapter, TrainConfig, evaluate, init_adapter, train  # noqa: E402
+from agent.runtime.engine import Engine  # noqa: E402
+from coordinator.federation.accountant import epsilon, noise_for_epsilon  # noqa: E402
+from protocol.bundle import MANIFEST_NAME, BundleManifest  # noqa: E402
+from tests.support.domain_data import device_slices, general_heldout  # noqa: E402
+
+DELTA = 1e-5
+Array = np.ndarray[Any, Any]
+
+
+def features_of(engine: Engine, texts: list[str], max_rows: int, window: int = 128) -> Features:
+    sep = engine.encode("\n\n")
+    return extract_features(
+        engine, [engine.encode(t) for t in texts], window=window, separator=sep, max_rows=max_rows
+    )
+
+
+def fedavg(
+    devices: list[Features],
+    w: Array,
+    start: Adapter,
+    *,
+    rounds: int,
+    cohort: int,
+    clip: float,
+    z: float,
+    config: TrainConfig,
+    seed: int,
+) -> Adapter:
+    """The ServerApp's protocol in process: sample, train, clip, average, add noise."""
+    rng = np.random.default_rng(seed)
+    current = start
+    for r in range(rounds):
+        chosen = rng.choice(len(devices), size=cohort, replace=False)
+        sum_a = np.zeros_like(current.a)
+        sum_b = np.zeros_like(current.b)
+        for i in chosen:
+            data = devices[i]
+            local = config.model_copy(update={"seed": seed * 1000 + r * 100 + int(i)})
+            delta = train(data.h, data.y, w, current, local).delta
+            norm = math.sqrt(float(np.sum(delta.a**2) + np.sum(delta.b**2)))
+            scale = min(1.0, clip / norm) if norm > 0 else 1.0
+            sum_a += delta.a * scale
+            sum_b += delta.b * scale
+        std = z * clip / cohort
+        noise_a = rng.normal(0.0, std, size=current.a.shape).astype(np.float32)
+        noise_b = rng.normal(0.0, std, size=current.b.shape).astype(np.float32)
+        current = Adapter(
+            a=current.a + sum_a / cohort + noise_a, b=current.b + sum_b / cohort + noise_b
+        )
+    return current
+
+
+def utility_part(
+    model_dir: Path, *, rounds: int, seeds: int, rank: int, max_chars: int, clip: float
+) -> dict[str, Any]:
+    engine = Engine.load(model_dir, threads=2)
+    w = read_lm_head(model_dir)
+    slices = device_slices("alpha", devices=3, max_chars=max_chars)
+    began = time.perf_counter()
+    train_sets = [features_of(engine, s.train_texts(), 6000) for s in slices]
+    heldouts = [features_of(engine, s.heldout_texts(), 2000) for s in slices]
+    general = features_of(engine, general_heldout(max_chars=12_000), 3000)
+    features_s = time.perf_counter() - began
+    config = TrainConfig(epochs=2, batch_rows=128, learning_rate=0.03, l2=0.0)
+    base_dev = [evaluate(h.h, h.y, w).perplexity for h in heldouts]
+    base_gen = evaluate(general.h, general.y, w).perplexity
+    table: dict[str, Any] = {}
+    for label, target in (("inf", math.inf), ("8", 8.0), ("2", 2.0)):
+        z = (
+            0.0
+            if math.isinf(target)
+            else noise_for_epsilon(target, sampling_rate=1.0, rounds=rounds, delta=DELTA)
+        )
+        dev_ratios: list[list[float]] = []
+        gen_ratios: list[float] = []
+        for seed in range(seeds):
+            start = init_adapter(engine.hidden_size, engine.vocab_size, rank, seed=seed)
+            final = fedavg(
+                train_sets, w, start, rounds=rounds, cohort=3, clip=clip, z=z,
+                config=config, seed=seed,
+            )  # fmt: skip
+            dev_ratios.append(
+                [
+                    evaluate(h.h, h.y, w, final).perplexity / b
+                    for h, b in zip(heldouts, base_dev, strict=True)
+                ]
+            )
+            gen_ratios.append(evaluate(general.h, general.y, w, final).perplexity / base_gen)
+        per_device = [median(r[i] for r in dev_ratios) for i in range(3)]
+        table[label] = {
+            "noise_multiplier": z,
+            "epsilon": None if math.isinf(target) else
+            epsilon(noise_multiplier=z, sampling_rate=1.0, rounds=rounds, delta=DELTA),
+            "heldout_ppl_change_pct": [round(100 * (r - 1), 2) for r in per_device],
+            "general_ppl_change_pct": round(100 * (median(gen_ratios) - 1), 2),
+        }  # fmt: skip
+        print(f"real model, 3 devices, epsilon {label}: {table[label]}", flush=True)
+    return {
+        "model": str(model_dir),
+        "rank": rank,
+        "rounds": rounds,
+        "seeds": seeds,
+        "clip": clip,
+        "train_rows": [int(t.y.shape[0]) for t in train_sets],
+        "heldout_rows": [int(h.y.shape[0]) for h in heldouts],
+        "base_heldout_ppl": [round(b, 2) for b in base_dev],
+        "base_general_ppl": round(base_gen, 2),
+        "features_s": round(features_s, 1),
+        "table": table,
+    }
+
+
+def cohort_part(
+    model_dir: Path, *, rounds: int, population: int, cohort: int, seeds: int, clip: float
+) -> dict[str, Any]:
+    engine = Engine.load(model_dir, threads=2)
+    w = read_lm_head(model_dir)
+    slices = device_slices("alpha", devices=population, heldout_fraction=0.2)
+    clients = [features_of(engine, s.train_texts(), 400, window=64) for s in slices]
+    heldout_texts = [t for s in slices[:20] for t in s.heldout_texts()]
+    heldout = features_of(engine, heldout_texts, 4000, window=64)
+    general = features_of(engine, general_heldout(max_chars=20_000), 4000, window=64)
+    config = TrainConfig(epochs=1, batch_rows=64, learning_rate=0.05)
+    q = cohort / population
+    base_h = evaluate(heldout.h, heldout.y, w).perplexity
+    base_g = evaluate(general.h, general.y, w).perplexity
+    table: dict[str, Any] = {}
+    for label, target in (("inf", math.inf), ("8", 8.0), ("2", 2.0)):
+        z = 0.0 if math.isinf(target) else noise_for_epsilon(
+            target, sampling_rate=q, rounds=rounds, delta=DELTA
+        )  # fmt: skip
+        ratios, gens = [], []
+        for seed in range(seeds):
+            start = init_adapter(engine.hidden_size, engine.vocab_size, 8, seed=seed)
+            final = fedavg(
+                clients, w, start, rounds=rounds, cohort=cohort, clip=clip, z=z,
+                config=config, seed=seed,
+            )  # fmt: skip
+            ratios.append(evaluate(heldout.h, heldout.y, w, final).perplexity / base_h)
+            gens.append(evaluate(general.h, general.y, w, final).perplexity / base_g)
+        table[label] = {
+            "noise_multiplier": z,
+            "heldout_ppl_change_pct": round(100 * (median(ratios) - 1), 2),
+            "general_ppl_change_pct": round(100 * (median(gens) - 1), 2),
+        }
+        print(f"tiny model, {population} clients, epsilon {label}: {table[label]}", flush=True)
+    return {
+        "population": population,
+        "cohort": cohort,
+        "sampling_rate": q,
+        "rounds": rounds,
+        "table": table,
+    }
+
+
+def flower_part(tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int) -> dict[str, Any]:
+    from coordinator.federation.rounds import RunSpec, run_personalization
+    from coordinator.federation.superlink import write_app
+    from tests.support.federation import Fleet
+
+    base = BundleManifest.model_validate_json((tiny_dir / MANIFEST_NAME).read_bytes())
+    ours_s, minimal_s, compute_s, upload = [], [], [], []
+    raw = 0
+    for run in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            os.environ["FLWR_HOME"] = str(work / "flwr-home")
+            os.environ["PYTHONPATH"] = str(REPO)
+            with Fleet(work, tiny_dir) as fleet:
+                for piece in device_slices("alpha", devices=3, max_chars=4000):
+                    fleet.add_device(f"d{piece.index}", piece.train_texts() + piece.heldout_texts())
+                spec = RunSpec(
+                    round_id=f"bench-{run}", group="alpha", rounds=rounds, cohort_size=3,
+                    min_nodes=3, secaggplus=False, clip_norm=5.0, rank=4, timeout_s=600,
+                )  # fmt: skip
+                before = len(fleet.proxy.uploaded())
+                began = time.perf_counter()
+                result = run_personalization(spec, base, fleet.cli, work / "ours")
+                ours_s.append(
+                    time.perf_counter()
+                    - began
+                    - sum(r.get("train_compute_s", 0.0) for r in result.rounds)
+                )
+                upload.append((len(fleet.proxy.uploaded()) - before) / (3 * rounds))
+                raw = int(result.lora_a.nbytes + result.lora_b.nbytes)
+                compute_s.append(sum(r.get("train_compute_s", 0.0) for r in result.rounds))
+                app = write_app(
+                    work / "minimal",
+                    {
+                        "num-rounds": rounds,
+                        "hidden": 128,
+                        "vocab": base.model.vocab_size if base.model else 384,
+                        "rank": 4,
+                        "cohort-size": 3,
+                    },
+                )
+                text = (app / "pyproject.toml").read_text()
+                text = text.replace(
+                    "coordinator.federation.server_app:app", "benchmarks.flower_minimal:server"
+                ).replace("agent.federated.client_app:app", "benchmarks.flower_minimal:client")
+                (app / "pyproject.toml").write_text(text)
+                began = time.perf_counter()
+                fleet.cli.run(app, {}, 600)
+                minimal_s.append(time.perf_counter() - began)
+    real = BundleManifest.model_validate_json((real_dir / MANIFEST_NAME).read_bytes())
+    bundle_bytes = sum(f.size for f in real.files)
+    assert real.model is not None
+    real_raw = 4 * 4 * (real.model.hidden_size + real.model.vocab_size)  # rank 4, float32
+    factor = median(upload) / raw
+    # What a device uploads per round = the adapter's bytes + a fixed part (HTTP requests,
+    # the evaluate reply, polls); the real model's figure adds the measured fixed part to
+    # its adapter's size (arrays travel as raw float32 bytes).
+    fixed = median(upload) - raw
+    return {
+        "rounds": rounds,
+        "runs": runs,
+        "ours_s": [round(x, 1) for x in ours_s],
+        "minimal_s": [round(x, 1) for x in minimal_s],
+        "overhead_ratio": round(median(ours_s) / median(minimal_s), 3),
+        "upload_bytes_per_device_round_tiny": round(median(upload)),
+        "adapter_raw_bytes_tiny": raw,
+        "upload_overhead_factor": round(factor, 3),
+        "upload_fixed_bytes_per_round": round(fixed),
+        "real_upload_bytes_per_round_rank4": round(real_raw + fixed),
+        "real_bundle_bytes": bundle_bytes,
+        "real_upload_pct_of_bundle": round(100 * (real_raw + fixed) / bundle_bytes, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the real-model part")
+    parser.add_argument("--cohort-seeds", type=int, default=3)
+    parser.add_argument("--population", type=int, default=300)
+    parser.add_argument("--cohort", type=int, default=60)
+    parser.add_argument("--max-chars", type=int, default=30_000)
+    parser.add_argument("--flower-runs", type=int, default=1)
+    parser.add_argument("--flower-rounds", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["utility", "cohort", "flower"])
+    args = parser.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from coordinator.models.build import build_smollm2
+    from coordinator.models.graph import GraphOptions
+    from coordinator.models.tiny import build_tiny_model
+
+    real_dir = build_smollm2().path
+    tiny_dir = build_tiny_model(
+        Path(tempfile.mkdtemp(prefix="nanofleet-bench-")), options=GraphOptions(accuracy_level=0)
+    )[1].path
+    figures: dict[str, Any] = {}
+    if "utility" not in args.skip:
+        figures["utility"] = utility_part(
+            real_dir, rounds=args.rounds, seeds=args.seeds, rank=4,
+            max_chars=args.max_chars, clip=5.0,
+        )  # fmt: skip
+    if "cohort" not in args.skip:
+        figures["cohort"] = cohort_part(
+            tiny_dir, rounds=args.rounds, population=args.population, cohort=args.cohort,
+            seeds=args.cohort_seeds, clip=1.0,
+        )  # fmt: skip
+    if "flower" not in args.skip:
+        figures["flower"] = flower_part(
+            tiny_dir, real_dir, rounds=args.flower_rounds, runs=args.flower_runs
+        )
+    print(json.dumps({"benchmark": "federated", **figures}, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -218,17 +218,23 @@ class Coordinator:
         return out
 
 
-def _port_free(host: str, port: int) -> bool:
-    if port == 0:
-        return True
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen before announcing readiness, so a client that reads the ready line
+    can connect at once (connections wait in the backlog until the server accepts).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Server(uvicorn.Server):
@@ -251,9 +257,12 @@ def run(settings: CoordinatorSettings) -> int:
     except OperationalError as e:
         typer.echo(f"nanofleet serve: the registry database is unreachable: {e.orig}", err=True)
         return ExitCode.UNAVAILABLE
-    if not _port_free(settings.host, settings.port):
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as e:
         typer.echo(
-            f"nanofleet serve: cannot listen on {settings.host}:{settings.port} (in use?)", err=True
+            f"nanofleet serve: cannot listen on {settings.host}:{settings.port}: {e.strerror}",
+            err=True,
         )
         return ExitCode.UNAVAILABLE
     server = _Server(
@@ -268,12 +277,14 @@ def run(settings: CoordinatorSettings) -> int:
         )
     )
     coordinator.start()
-    log.info("serving on %s:%d", settings.host, settings.port)
-    typer.echo(f"nanofleet serve: listening on http://{settings.host}:{settings.port}", err=True)
+    host, port = sock.getsockname()[:2]
+    log.info("serving on %s:%d", host, port)
+    typer.echo(f"nanofleet serve: listening on http://{host}:{port}", err=True)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         coordinator.stop()
+        sock.close()
     return ExitCode.SUCCESS if server.started else ExitCode.UNAVAILABLE
 
 

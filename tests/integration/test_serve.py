@@ -4,6 +4,7 @@ repository files, /healthz and /metrics, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -70,3 +71,18 @@ def test_serve_answers_the_api_and_stops_on_sigterm(tmp_path: Path) -> None:
             assert 'nanofleet_devices{state="online"} 0.0' in c.get("/metrics").text
             assert c.get("/ui/", follow_redirects=False).status_code == 303
         assert proc.stop(timeout=15) == ExitCode.SUCCESS, proc.log_tail()
+
+
+def test_port_in_use_exits_unavailable(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "coordinator.toml"
+        config.write_text(
+            f'database_url = "sqlite:///{tmp_path / "r.sqlite3"}"\nport = {port}\n'
+            f'api_token = "long-enough-token-123"\n'
+        )
+        with ManagedProcess([*NANOFLEET, "serve", "-c", config], cwd=tmp_path) as proc:
+            assert proc.wait_exit(60) == ExitCode.UNAVAILABLE, proc.log_tail()
+            assert f"cannot listen on 127.0.0.1:{port}" in proc.read_log()

@@ -22,7 +22,10 @@ Three parts, one JSON line of every figure at the end:
    of round times after removing our on-device training compute. Bytes each device
    uploaded per round are counted by a TLS-terminating proxy, and compared with the
    adapter's raw size and the base bundle's size (real model figures computed from the
-   measured overhead factor).
+   adapter's size plus the measured fixed part of a round's upload).
+4. **Training yields to serving (real model).** First-token latency of a chat request,
+   idle vs while the NumPy trainer runs in another process; the request sets the serving
+   marker the ClientApp's checkpoint watches, so training pauses at its next minibatch.
 
     .venv/bin/python benchmarks/federated.py [--rounds 5] [--seeds 1] [--population 300]
 """
@@ -277,6 +280,68 @@ def flower_part(tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int) -> di
     }
 
 
+def _train_forever(model_dir: str, marker: str, rows: int, batch_rows: int) -> None:
+    """Child process: the on-device trainer on one core, pausing while ``marker`` exists."""
+    from agent.federated.local import serving_checkpoint
+
+    w = read_lm_head(Path(model_dir))
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
+    y = rng.integers(0, w.shape[0], size=rows)
+    start = init_adapter(w.shape[1], w.shape[0], 4, seed=0)
+    config = TrainConfig(epochs=100, batch_rows=batch_rows, max_compute_s=3600)
+    train(h, y, w, start, config, checkpoint=serving_checkpoint(Path(marker), poll_s=0.002))
+
+
+def yield_part(model_dir: Path, *, requests: int, batch_rows: int) -> dict[str, Any]:
+    """First-token latency idle vs during training (the agent sets the serving marker when a
+    request arrives; the trainer stops at its next minibatch boundary)."""
+    import multiprocessing
+
+    from agent.runtime import SamplingParams
+
+    engine = Engine.load(model_dir, threads=2)
+    prompt = engine.encode(engine.render_chat([("user", "Name three uses of a hash map.")]))
+
+    def first_tokens(marker: Path | None) -> list[float]:
+        out = []
+        for _ in range(requests):
+            began = time.perf_counter()
+            if marker is not None:
+                marker.touch()
+            next(iter(engine.generate(prompt, SamplingParams(max_tokens=2))))
+            out.append(time.perf_counter() - began)
+            if marker is not None:
+                marker.unlink()
+            time.sleep(0.15)  # let the trainer run between requests
+        return out
+
+    first_tokens(None)  # warm up
+    idle = first_tokens(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = Path(tmp) / "serving"
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(
+            target=_train_forever, args=(str(model_dir), str(marker), 4096, batch_rows)
+        )
+        child.start()
+        try:
+            time.sleep(8.0)  # the child loads the LM head and starts training
+            busy = first_tokens(marker)
+        finally:
+            child.terminate()
+            child.join(10)
+    return {
+        "requests": requests,
+        "batch_rows": batch_rows,
+        "idle_first_token_ms": round(1000 * median(idle), 1),
+        "training_first_token_ms": round(1000 * median(busy), 1),
+        "ratio": round(median(busy) / median(idle), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -287,7 +352,9 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=30_000)
     parser.add_argument("--flower-runs", type=int, default=1)
     parser.add_argument("--flower-rounds", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["utility", "cohort", "flower"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["utility", "cohort", "flower", "yield"]
+    )
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -314,6 +381,9 @@ def main() -> None:
         figures["flower"] = flower_part(
             tiny_dir, real_dir, rounds=args.flower_rounds, runs=args.flower_runs
         )
+    if "yield" not in args.skip:
+        figures["yield"] = yield_part(real_dir, requests=20, batch_rows=32)
+        print(f"training yields to serving: {figures['yield']}", flush=True)
     print(json.dumps({"benchmark": "federated", **figures}, sort_keys=True))
 
 

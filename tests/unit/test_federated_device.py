@@ -126,3 +126,13 @@ def test_the_supernode_command_line_is_tls_authenticated_and_points_at_local_dat
     sneaky = SuperNodeConfig(**{**config.__dict__, "data_path": Path('/x" model-dir="/evil')})
     with pytest.raises(ConfigError, match="data-path"):
         sneaky.node_config()
+
+
+def test_a_wrecked_adapter_evaluates_to_infinite_perplexity_not_an_error() -> None:
+    from agent.federated.trainer import evaluate
+
+    h = np.ones((2, 4), np.float32)
+    w = np.zeros((3, 4), np.float32)
+    huge = Adapter(a=np.full((4, 1), 1e3, np.float32), b=np.array([[1e3, -1e3, 0.0]], np.float32))
+    result = evaluate(h, np.array([1, 1]), w, huge)
+    assert result.perplexity == float("inf")

@@ -169,11 +169,17 @@ def cohort_part(
     engine = Engine.load(model_dir, threads=2)
     w = read_lm_head(model_dir)
     slices = device_slices("alpha", devices=population, heldout_fraction=0.2)
-    clients = [features_of(engine, s.train_texts(), 400, window=64) for s in slices]
+    # A client needs a few documents; slices of a large population may hold none.
+    clients = [
+        features_of(engine, s.train_texts(), 400, window=64)
+        for s in slices
+        if sum(map(len, s.train_texts())) >= 200
+    ]
     heldout_texts = [t for s in slices[:20] for t in s.heldout_texts()]
     heldout = features_of(engine, heldout_texts, 4000, window=64)
     general = features_of(engine, general_heldout(max_chars=20_000), 4000, window=64)
     config = TrainConfig(epochs=1, batch_rows=64, learning_rate=0.05)
+    population = len(clients)
     q = cohort / population
     base_h = evaluate(heldout.h, heldout.y, w).perplexity
     base_g = evaluate(general.h, general.y, w).perplexity

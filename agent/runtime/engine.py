@@ -77,6 +77,12 @@ class Generation:
         return run.deltas(self)
 
 
+#: ``logits_start`` for a prefill: only the last position's logits pick the next token.
+#: (The OrtValue borrows the array's memory, so the array lives as long as the module.)
+_LAST_POSITION_ARRAY = np.array([-1], dtype=np.int64)
+_LAST_POSITION = ort.OrtValue.ortvalue_from_numpy(_LAST_POSITION_ARRAY)
+
+
 class _Run:
     """The per-generation state and loop (owns buffers; never shared between threads)."""
 
@@ -129,6 +135,8 @@ class _Run:
                 binding.bind_ortvalue_input(
                     "attention_mask", ort.OrtValue.ortvalue_from_numpy(mask[:, :end])
                 )
+                if eng._logits_start:
+                    binding.bind_ortvalue_input("logits_start", _LAST_POSITION)
                 self._bind_common(binding, kv)
                 binding.bind_output("logits")
                 eng._session.run_with_iobinding(binding)
@@ -272,6 +280,8 @@ class Engine:
         ]
         if missing:
             raise ModelError(f"{model_dir}: {MODEL_FILE} lacks graph inputs/outputs {missing[:4]}")
+        # Graphs built before builder version 4 compute logits at every prefill position.
+        self._logits_start = "logits_start" in inputs
         kv_shape = inputs["past_key_values.0.key"].shape
         logits_shape = outputs["logits"].shape
         hidden_shape = outputs["hidden_states"].shape

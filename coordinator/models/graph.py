@@ -7,7 +7,10 @@ The graph is the contract with the device runtime (``agent/runtime``); keep thes
   ``[batch, kv_heads, past_seq, head_dim]``; ``lora_a`` float32 ``[hidden, R]`` and
   ``lora_b`` float32 ``[R, vocab]``, graph inputs with zero defaults (initializers that are
   also inputs) so a run may override them.
-- outputs: ``logits`` ``[batch, seq, vocab]`` = ``lm_head(h) + (h @ lora_a) @ lora_b``;
+- ``logits_start`` int64 ``[1]`` (default 0): logits are computed for positions from it on;
+  a negative value counts from the end (a prefill asks for ``-1``: the last position only).
+- outputs: ``logits`` ``[batch, logits_seq, vocab]`` = ``lm_head(h) + (h @ lora_a) @ lora_b``
+  over the selected positions;
   ``hidden_states`` ``[batch, seq, hidden]`` (``h``: after the final RMSNorm, the LM head's
   input); ``present.L.key`` / ``.value``.
 
@@ -52,6 +55,8 @@ MS_DOMAIN = "com.microsoft"
 _ALIGN = 64  # bytes: external weights start on cache-line boundaries
 _INLINE_LIMIT = 4096  # bytes: smaller initializers stay inside model.onnx
 _INT64_MAX = 2**63 - 1
+#: The hidden states the LM head reads: positions from the ``logits_start`` input on.
+_SELECTED = "logits/hidden"
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,7 @@ def _rescore_top_k(g: _Graph, approx: str, out: str, k: int) -> None:
     )
     (last_h,) = g.node(
         "Slice",
-        ["hidden_states", g.const_i64([-1]), g.const_i64([_INT64_MAX]), g.const_i64([1])],
+        [_SELECTED, g.const_i64([-1]), g.const_i64([_INT64_MAX]), g.const_i64([1])],
         ["rescore/last_h"],
         name="rescore/SliceHidden",
     )
@@ -380,7 +385,7 @@ def _io(cfg: Any, rank: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.Value
         helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_seq"]),
     ]
     outputs = [
-        helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size]),
+        helper.make_tensor_value_info("logits", f32, ["batch", "logits_seq", cfg.vocab_size]),
         helper.make_tensor_value_info("hidden_states", f32, ["batch", "seq", cfg.hidden_size]),
     ]
     for i in range(cfg.num_layers):
@@ -389,6 +394,7 @@ def _io(cfg: Any, rank: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.Value
                 helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv_shape)
             )
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, present_shape))
+    inputs.append(helper.make_tensor_value_info("logits_start", i64, [1]))
     inputs.append(helper.make_tensor_value_info("lora_a", f32, [cfg.hidden_size, rank]))
     inputs.append(helper.make_tensor_value_info("lora_b", f32, [rank, cfg.vocab_size]))
     return inputs, outputs
@@ -502,9 +508,18 @@ def build_graph(
                 progress(i + 2, total)
 
         head = "lm_head/logits" if options.rescore_top_k == 0 else "lm_head/approx"
+        # Logits only from position ``logits_start`` on (default 0: all of them); a prefill
+        # asks for the last one alone and skips the LM head for the rest of the prompt.
+        w.add("logits_start", np.zeros(1, dtype=np.int64))
+        g.node(
+            "Slice",
+            ["hidden_states", "logits_start", g.const_i64([_INT64_MAX]), g.const_i64([1])],
+            [_SELECTED],
+            name="logits/Select",
+        )
         g.node(
             "MatMulNBits",
-            ["hidden_states", "lm_head.qweight", "lm_head.scales"],
+            [_SELECTED, "lm_head.qweight", "lm_head.scales"],
             [head],
             name="lm_head/MatMulNBits",
             domain=MS_DOMAIN,
@@ -521,7 +536,7 @@ def build_graph(
         rank = options.adapter_rank
         w.add("lora_a", np.zeros((cfg.hidden_size, rank), dtype=np.float32))
         w.add("lora_b", np.zeros((rank, cfg.vocab_size), dtype=np.float32))
-        g.node("MatMul", ["hidden_states", "lora_a"], ["lora/down"], name="lora/MatMulA")
+        g.node("MatMul", [_SELECTED, "lora_a"], ["lora/down"], name="lora/MatMulA")
         g.node("MatMul", ["lora/down", "lora_b"], ["lora/delta"], name="lora/MatMulB")
         g.node("Add", ["lm_head/logits", "lora/delta"], ["logits"], name="lora/Add")
         data_file.flush()

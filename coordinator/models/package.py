@@ -46,7 +46,7 @@ from protocol.bundle import (
 )
 
 #: Bump when the graph or the packing changes: cached builds of older versions are rebuilt.
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 QUANTIZATION = "q4_1-exact"
 _CHUNK = 1 << 20
 

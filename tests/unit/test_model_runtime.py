@@ -98,6 +98,32 @@ def test_prefill_equals_token_by_token_with_the_kv_cache(
     _close(np.stack(ref_steps), tiny_reference.forward(prompt_ids).logits)
 
 
+def test_logits_start_selects_positions_without_changing_them(
+    tiny_model: TinyModel, tiny_reference: ReferenceModel, prompt_ids: list[int]
+) -> None:
+    """A prefill asks for the last position only (``logits_start`` = -1): its logits are
+    the full run's last row; 0 (the default) keeps every position, 3 all from the fourth."""
+    session = _ort_session(tiny_model.model_dir)
+    cfg = tiny_reference.config
+    feeds = {
+        "input_ids": np.asarray([prompt_ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(prompt_ids)), np.int64),
+        **{
+            f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers)
+            for k in ("key", "value")
+        },
+    }
+    full = session.run(["logits"], feeds)[0][0]
+    last = session.run(["logits"], {**feeds, "logits_start": np.array([-1], np.int64)})[0][0]
+    assert full.shape[0] == len(prompt_ids)
+    assert last.shape[0] == 1
+    _close(last[0], full[-1])  # the same up to the GEMM's summation order
+    from_three = session.run(["logits"], {**feeds, "logits_start": np.array([3], np.int64)})[0][0]
+    assert from_three.shape[0] == len(prompt_ids) - 3
+    _close(from_three, full[3:])
+
+
 def test_greedy_generation_equals_the_reference(
     engine: Engine, tiny_reference: ReferenceModel, prompt_ids: list[int]
 ) -> None:

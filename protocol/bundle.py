@@ -42,6 +42,9 @@ from protocol._types import (
 MANIFEST_NAME = "manifest.json"
 #: File name of the tokenizer inside a base bundle.
 TOKENIZER_NAME = "tokenizer.json"
+#: File name of an LM-head adapter's factors inside an adapter bundle: an uncompressed .npz
+#: of ``lora_a`` [hidden, rank] and ``lora_b`` [rank, vocab], both float32.
+ADAPTER_NAME = "adapter.npz"
 
 MAX_FILES = 64
 MAX_VOCAB_SIZE = 1 << 20

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelError
+from protocol.bundle import ADAPTER_NAME
 
-ADAPTER_FILE = "adapter.npz"
+ADAPTER_FILE = ADAPTER_NAME
 MAX_ADAPTER_BYTES = 64 * 1024 * 1024
 
 Array = np.ndarray[Any, Any]

@@ -17,7 +17,6 @@ The broker's files live elsewhere (see :mod:`coordinator.local_broker`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 from collections.abc import Sequence
@@ -29,17 +28,13 @@ import numpy as np
 import tomli_w
 
 from coordinator import pki
+from coordinator.models.adapter_bundle import write_adapter_bundle as pack_adapter
 from coordinator.provision import EnrollmentRequest, build_enrollment, write_enrollment
 from coordinator.repository.keys import PASSPHRASE_ENV, ROLES, KeyRing
 from coordinator.repository.repo import PublishedBundle, Repository
 from protocol.bundle import (
     MANIFEST_NAME,
-    AdapterInfo,
-    BundleFile,
-    BundleKind,
     BundleManifest,
-    bundle_hash,
-    canonical_json,
 )
 
 #: The first device is the canary: a release reaches it first, the rest of the fleet after.
@@ -47,9 +42,6 @@ CANARY = "canary"
 FLEET = "fleet"
 GROUPS = (CANARY, FLEET)
 CHANNEL = "stable"
-#: The agent's adapter file (agent.runtime.adapter.ADAPTER_FILE): an uncompressed .npz of
-#: ``lora_a`` [hidden, rank] and ``lora_b`` [rank, vocab], both float32.
-ADAPTER_FILE = "adapter.npz"
 
 
 @dataclass
@@ -164,25 +156,7 @@ def write_adapter_bundle(
     lora_a = (scale * rng.standard_normal((hidden, rank))).astype(np.float32)
     lora_b = (scale * rng.standard_normal((rank, vocab))).astype(np.float32)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ADAPTER_FILE
-    with path.open("wb") as f:
-        np.savez(f, lora_a=lora_a, lora_b=lora_b)
-    data = path.read_bytes()
-    manifest = BundleManifest(
-        name=name,
-        version=version,
-        kind=BundleKind.ADAPTER,
-        files=[
-            BundleFile(path=ADAPTER_FILE, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-        ],
-        adapter=AdapterInfo(
-            target="lm_head",
-            rank=rank,
-            base_bundle_sha256=bundle_hash(base),
-            tokenizer_sha256=base.model.tokenizer_sha256,
-        ),
-    )
-    (directory / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+    pack_adapter(directory, base, lora_a, lora_b, name=name, version=version)
     return directory
 
 

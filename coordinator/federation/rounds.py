@@ -34,11 +34,10 @@ import numpy as np
 from coordinator.errors import RefusedError
 from coordinator.federation.accountant import epsilon as dp_epsilon
 from coordinator.federation.superlink import FlowerCli, RunFailedError, write_app
+from coordinator.models.adapter_bundle import write_adapter_bundle
 from coordinator.repository import PublishedBundle, Repository
 from protocol.bundle import (
-    MANIFEST_NAME,
-    AdapterInfo,
-    BundleFile,
+    ADAPTER_NAME,
     BundleKind,
     BundleManifest,
     Provenance,
@@ -57,7 +56,7 @@ __all__ = [
     "run_personalization",
 ]
 
-ADAPTER_FILE = "adapter.npz"  # the agent's adapter file name (agent.runtime.adapter)
+ADAPTER_FILE = ADAPTER_NAME
 ROUND_MANIFEST_FILE = "round-manifest.json"
 
 Array = np.ndarray[Any, Any]
@@ -241,37 +240,27 @@ def package_adapter(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        with open(tmp / ADAPTER_FILE, "wb") as f:
-            np.savez(f, lora_a=result.lora_a, lora_b=result.lora_b)
         round_bytes = canonical_json(result.manifest)
-        (tmp / ROUND_MANIFEST_FILE).write_bytes(round_bytes)
-        manifest = BundleManifest(
+        manifest = write_adapter_bundle(
+            tmp,
+            base,
+            result.lora_a,
+            result.lora_b,
             name=name,
             version=version,
-            kind=BundleKind.ADAPTER,
-            files=[
-                BundleFile(path=p, sha256=_sha256(tmp / p), size=(tmp / p).stat().st_size)
-                for p in (ADAPTER_FILE, ROUND_MANIFEST_FILE)
-            ],
-            adapter=AdapterInfo(
-                target="lm_head",
-                rank=int(result.lora_a.shape[1]),
-                base_bundle_sha256=bundle_hash(base),
-                tokenizer_sha256=base.model.tokenizer_sha256,
-                provenance=Provenance(
-                    round_id=result.manifest.round_id,
-                    rounds=result.manifest.rounds,
-                    cohort_size=result.manifest.cohort_size,
-                    round_manifest_sha256=hashlib.sha256(round_bytes).hexdigest(),
-                    # TUF's canonical JSON has no floats, and the manifest travels in signed
-                    # target metadata: epsilon and delta stay in the round manifest, whose
-                    # hash is signed here and whose bytes ship in the bundle.
-                    epsilon=None,
-                    delta=None,
-                ),
+            extra_files={ROUND_MANIFEST_FILE: round_bytes},
+            provenance=Provenance(
+                round_id=result.manifest.round_id,
+                rounds=result.manifest.rounds,
+                cohort_size=result.manifest.cohort_size,
+                round_manifest_sha256=hashlib.sha256(round_bytes).hexdigest(),
+                # TUF's canonical JSON has no floats, and the manifest travels in signed
+                # target metadata: epsilon and delta stay in the round manifest, whose
+                # hash is signed here and whose bytes ship in the bundle.
+                epsilon=None,
+                delta=None,
             ),
         )
-        (tmp / MANIFEST_NAME).write_bytes(canonical_json(manifest))
         os.chmod(tmp, 0o755)  # noqa: S103 - an adapter bundle is public, like a model
         os.replace(tmp, out_dir)
     finally:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import threading
 import time
@@ -28,17 +27,13 @@ from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 from typer.testing import CliRunner
 
-from agent.runtime.adapter import ADAPTER_FILE, Adapter, save_adapter
 from coordinator.cli import app as nanofleet
+from coordinator.models.adapter_bundle import write_adapter_bundle as pack_adapter
 from coordinator.web.repo_files import repo_files_router
 from protocol.bundle import (
     MANIFEST_NAME,
-    AdapterInfo,
-    BundleFile,
-    BundleKind,
     BundleManifest,
     bundle_hash,
-    canonical_json,
 )
 from protocol.messages import BundleRef
 
@@ -186,24 +181,7 @@ def write_adapter_bundle(
     if keep_zero:
         lora_b[:, keep_zero] = 0.0
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ADAPTER_FILE
-    save_adapter(path, Adapter(lora_a, lora_b))
-    data = path.read_bytes()
-    manifest = BundleManifest(
-        name=name,
-        version=version,
-        kind=BundleKind.ADAPTER,
-        files=[
-            BundleFile(path=ADAPTER_FILE, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-        ],
-        adapter=AdapterInfo(
-            target="lm_head",
-            rank=rank,
-            base_bundle_sha256=bundle_hash(base),
-            tokenizer_sha256=base.model.tokenizer_sha256,
-        ),
-    )
-    (directory / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+    pack_adapter(directory, base, lora_a, lora_b, name=name, version=version)
     return directory
 
 

@@ -202,3 +202,17 @@ def test_the_checker_follows_continuations_comments_and_cd() -> None:
     assert commands[1].cwd == REPO / "deploy" / "compose"
     assert "--out" in commands[1].argv
     assert all(problems_of(c) == [] for c in commands)
+
+
+def test_ci_runs_the_readmes_test_command_as_written() -> None:
+    """The README's first block names two commands: the demo, then the suite. `.ci/run`
+    must run the second one exactly (its last line), nothing else."""
+    first_block = _BLOCK.search((REPO / "README.md").read_text("utf-8"))
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
+    commands = [c for c in commands if c]
+    assert len(commands) == 2, commands
+    test_command = commands[1]
+    ci = (REPO / ".ci" / "run").read_text("utf-8").strip().splitlines()
+    assert ci[-1] == f"exec {test_command}", ci[-1]
+    assert (REPO / test_command).stat().st_mode & 0o111, f"{test_command} is not executable"

@@ -40,29 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-#: The timed prompt: its greedy answer is longer than 128 tokens, so both engines decode
-#: the same count without stopping at an end token.
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-#: The prompt whose greedy answer is compared with the reference's.
-GREEDY_PROMPT = "Give me three tips for staying healthy."
-FIDELITY_TEXT = [
-    ("system", "You are a helpful assistant for people who look after small gardens."),
-    (
-        "user",
-        "My tomato plants have yellow leaves at the bottom, and the new growth looks pale. "
-        "I water them every evening and the soil stays wet. What is going on, and what "
-        "should I change this week?",
-    ),
-    (
-        "assistant",
-        "Yellow lower leaves with pale new growth usually point to two things at once: the "
-        "roots are sitting in soil that is too wet, and the plant is short of nitrogen. "
-        "Water only when the top few centimetres of soil are dry, and water in the morning "
-        "so the leaves dry during the day. Add a balanced fertilizer at half strength, and "
-        "remove the worst leaves so the plant can spend its energy on new growth. Check the "
-        "drainage holes of the pots as well, because standing water damages roots quickly.",
-    ),
-]
+from tests.support.fidelity import LONG_PROMPT as PROMPT  # noqa: E402 (after the path)
 
 
 def _child_ours(model_dir: str, threads: int, tokens: int) -> dict[str, Any]:
@@ -164,6 +142,8 @@ def fidelity(model_dir: Path, gguf: Path, threads: int, have_llama: bool) -> dic
     """Top-1 agreement, mean KL and greedy divergence vs the float32 NumPy reference."""
     from agent.runtime import Engine, SamplingParams
     from coordinator.models.reference import ReferenceModel
+    from tests.support.fidelity import FIDELITY_TEXT
+    from tests.support.fidelity import HEALTH_PROMPT as GREEDY_PROMPT
 
     engine = Engine.load(model_dir, threads=threads)
     ref = ReferenceModel(gguf)

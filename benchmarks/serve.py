@@ -42,9 +42,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: Its greedy answer is longer than the token counts used here, so every request decodes
-#: exactly ``--tokens`` tokens.
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+from tests.support.fidelity import LONG_PROMPT as PROMPT  # noqa: E402 (after the path)
+
 READY_TIMEOUT_S = 120.0
 #: Between measurements: ONNX Runtime's pool threads spin briefly after a run.
 PAUSE_S = 0.3

@@ -18,35 +18,16 @@ import pytest
 
 from agent.runtime import Engine, SamplingParams
 from coordinator.models.reference import ReferenceModel
+from tests.support.fidelity import FIDELITY_TEXT, HEALTH_PROMPT
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("torch", "transformers", "onnxruntime_genai", "llama_cpp", "llm")
-HEALTH_PROMPT = "Give me three tips for staying healthy."
 #: Top-1 agreement with the float32 reference the shipped graph must keep on FIDELITY_TEXT.
 TOP1_MIN = 0.97
 #: Greedy tokens that must equal the reference's greedy tokens.
 GREEDY_EQUAL_MIN = 16
-
-FIDELITY_TEXT = [
-    ("system", "You are a helpful assistant for people who look after small gardens."),
-    (
-        "user",
-        "My tomato plants have yellow leaves at the bottom, and the new growth looks pale. "
-        "I water them every evening and the soil stays wet. What is going on, and what "
-        "should I change this week?",
-    ),
-    (
-        "assistant",
-        "Yellow lower leaves with pale new growth usually point to two things at once: the "
-        "roots are sitting in soil that is too wet, and the plant is short of nitrogen. "
-        "Water only when the top few centimetres of soil are dry, and water in the morning "
-        "so the leaves dry during the day. Add a balanced fertilizer at half strength, and "
-        "remove the worst leaves so the plant can spend its energy on new growth. Check the "
-        "drainage holes of the pots as well, because standing water damages roots quickly.",
-    ),
-]
 
 
 @pytest.fixture(scope="module")

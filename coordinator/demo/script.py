@@ -27,6 +27,7 @@ from coordinator.demo.fleet import HOST, Fleet, free_port, poll
 from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
 from coordinator.local_broker import start_local_broker
+from coordinator.models.adapter_bundle import write_random_adapter_bundle
 from coordinator.registry import open_registry
 from protocol.bundle import BundleManifest
 from protocol.exitcodes import ExitCode
@@ -290,7 +291,9 @@ def _run(
             "\n[bold]6.[/bold] a signed adapter-only release, rolled out by the coordinator: "
             "the canary first, then the fleet"
         )
-        adapter_dir = wsp.write_adapter_bundle(home / "bundles" / "nano-tuned-1", model.path)
+        adapter_dir = write_random_adapter_bundle(
+            home / "bundles" / "nano-tuned-1", model.path, name="nano-tuned", version="1"
+        )
         adapter = wsp.publish(ws, adapter_dir)
         adapter_size = wsp.bundle_bytes(adapter_dir)
         base_size = wsp.bundle_bytes(model.path)

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import tomli_w
 
 from coordinator import pki
-from coordinator.models.adapter_bundle import write_adapter_bundle as pack_adapter
 from coordinator.provision import EnrollmentRequest, build_enrollment, write_enrollment
 from coordinator.repository.keys import PASSPHRASE_ENV, ROLES, KeyRing
 from coordinator.repository.repo import PublishedBundle, Repository
@@ -127,37 +125,6 @@ def bundle_bytes(bundle_dir: Path) -> int:
     """The size of a bundle: its manifest and every file it lists."""
     manifest = BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_bytes())
     return (bundle_dir / MANIFEST_NAME).stat().st_size + sum(f.size for f in manifest.files)
-
-
-def write_adapter_bundle(
-    directory: Path,
-    base_dir: Path,
-    *,
-    name: str = "nano-tuned",
-    version: str = "1",
-    rank: int = 4,
-    seed: int = 7,
-    scale: float = 0.02,
-) -> Path:
-    """Write a loadable LM-head adapter bundle bound to the base model in ``base_dir``.
-
-    Its low-rank factors are small random numbers (``scale``), so the model's answers stay
-    sensible: the demo shows how an adapter ships, not what it learned (that is the
-    federated round's job).
-
-    Raises:
-        ValueError: ``base_dir`` is not a base model bundle.
-    """
-    base = BundleManifest.model_validate_json((base_dir / MANIFEST_NAME).read_bytes())
-    if base.model is None:
-        raise ValueError(f"{base_dir} is not a base model bundle")
-    hidden, vocab = base.model.hidden_size, base.model.vocab_size
-    rng = np.random.default_rng(seed)
-    lora_a = (scale * rng.standard_normal((hidden, rank))).astype(np.float32)
-    lora_b = (scale * rng.standard_normal((rank, vocab))).astype(np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    pack_adapter(directory, base, lora_a, lora_b, name=name, version=version)
-    return directory
 
 
 def provision(

@@ -80,3 +80,36 @@ def write_adapter_bundle(
     )
     (directory / MANIFEST_NAME).write_bytes(canonical_json(manifest))
     return manifest
+
+
+def write_random_adapter_bundle(
+    directory: Path,
+    base_dir: Path,
+    *,
+    name: str,
+    version: str,
+    rank: int = 4,
+    seed: int = 7,
+    scale: float = 0.02,
+    keep_zero: list[int] | None = None,
+) -> Path:
+    """Write a loadable adapter bundle with random factors (``scale`` times standard
+    normal, seeded) bound to the base bundle in ``base_dir``, into ``directory``.
+
+    ``keep_zero``: vocabulary ids whose logits the adapter leaves unchanged. Shows how an
+    adapter ships (demo, tests), not what one learns.
+
+    Raises:
+        ValueError: ``base_dir`` is not a base model bundle.
+    """
+    base = BundleManifest.model_validate_json((base_dir / MANIFEST_NAME).read_bytes())
+    if base.model is None:
+        raise ValueError(f"{base_dir} is not a base model bundle")
+    rng = np.random.default_rng(seed)
+    lora_a = scale * rng.standard_normal((base.model.hidden_size, rank))
+    lora_b = scale * rng.standard_normal((rank, base.model.vocab_size))
+    if keep_zero:
+        lora_b[:, keep_zero] = 0.0
+    directory.mkdir(parents=True, exist_ok=True)
+    write_adapter_bundle(directory, base, lora_a, lora_b, name=name, version=version)
+    return directory

@@ -21,14 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 from typer.testing import CliRunner
 
 from coordinator.cli import app as nanofleet
-from coordinator.models.adapter_bundle import write_adapter_bundle as pack_adapter
+from coordinator.models.adapter_bundle import write_random_adapter_bundle
 from coordinator.web.repo_files import repo_files_router
 from protocol.bundle import (
     MANIFEST_NAME,
@@ -166,23 +165,19 @@ def write_adapter_bundle(
     scale: float = 0.5,
     keep_zero: list[int] | None = None,
 ) -> Path:
-    """Write a loadable LM-head adapter bundle bound to the base model in ``base_dir``.
-
-    ``keep_zero``: vocabulary ids whose logits the adapter leaves unchanged (so a
-    "well-spoken" tiny model stays so).
-    """
-    base = BundleManifest.model_validate_json((base_dir / MANIFEST_NAME).read_bytes())
-    if base.model is None:
-        raise ValueError(f"{base_dir} is not a base model bundle")
-    hidden, vocab = base.model.hidden_size, base.model.vocab_size
-    rng = np.random.default_rng(seed)
-    lora_a = (scale * rng.standard_normal((hidden, rank))).astype(np.float32)
-    lora_b = (scale * rng.standard_normal((rank, vocab))).astype(np.float32)
-    if keep_zero:
-        lora_b[:, keep_zero] = 0.0
-    directory.mkdir(parents=True, exist_ok=True)
-    pack_adapter(directory, base, lora_a, lora_b, name=name, version=version)
-    return directory
+    """A loadable LM-head adapter bundle bound to the base model in ``base_dir``, with
+    factors large enough to change a tiny model's answers (see
+    :func:`coordinator.models.adapter_bundle.write_random_adapter_bundle`)."""
+    return write_random_adapter_bundle(
+        directory,
+        base_dir,
+        name=name,
+        version=version,
+        rank=rank,
+        seed=seed,
+        scale=scale,
+        keep_zero=keep_zero,
+    )
 
 
 @dataclass(frozen=True)

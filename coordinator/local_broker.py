@@ -47,7 +47,7 @@ from coordinator.broker_config import BrokerFiles, render_acl, render_mosquitto_
 from coordinator.errors import ConfigError, TransientError
 from protocol import topics
 
-__all__ = ["LocalBroker", "start_local_broker"]
+__all__ = ["BROKER_USER", "LocalBroker", "broker_group", "start_local_broker"]
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "nanofleet.conf.template"
 HOST = "127.0.0.1"
@@ -110,7 +110,8 @@ def mosquitto_binary() -> str:
     return found
 
 
-def _broker_group() -> str | None:
+def broker_group() -> str | None:
+    """The group that must be able to read the broker's files, when running as root."""
     if os.geteuid() != 0:
         return None
     try:
@@ -178,7 +179,7 @@ def start_local_broker(
             message carries the tail of its log).
     """
     binary = mosquitto_binary()
-    group = _broker_group()
+    group = broker_group()
     directory = Path(tempfile.mkdtemp(prefix="nanofleet-broker-"))
     try:
         data = directory / "data"

@@ -28,13 +28,12 @@ from pathlib import Path
 
 from coordinator import pki
 from coordinator.broker_config import BrokerFiles, render_acl, render_mosquitto_conf
+from coordinator.local_broker import broker_group
 from tests.support.processes import ManagedProcess, ProcessStartError, Ready, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "mosquitto" / "nanofleet.conf.template"
 HOST = "127.0.0.1"
-#: The user mosquitto switches to when started as root.
-BROKER_USER = "mosquitto"
 READY_TIMEOUT_S = 10.0
 
 #: The fleet of the mTLS broker: device id -> groups.
@@ -122,23 +121,12 @@ def client_context(ca_file: Path, cert_file: Path | None, key_file: Path | None)
     return ctx
 
 
-def _broker_group() -> str | None:
-    """The group that must be able to read the broker's files, when running as root."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        grp.getgrnam(BROKER_USER)
-    except KeyError:
-        return None
-    return BROKER_USER
-
-
 @contextmanager
 def broker_directory() -> Iterator[Path]:
     """A private directory mosquitto can read (and, in ``data/``, write); removed after."""
     directory = Path(tempfile.mkdtemp(prefix="nanofleet-mosquitto-"))
     try:
-        group = _broker_group()
+        group = broker_group()
         data = directory / "data"
         data.mkdir()
         if group is not None:
@@ -152,7 +140,7 @@ def broker_directory() -> Iterator[Path]:
 
 def _write_shared(path: Path, text: str) -> None:
     path.write_text(text)
-    group = _broker_group()
+    group = broker_group()
     if group is not None:
         pki.share_with_group(path, group)
 
@@ -286,7 +274,7 @@ def tls_broker(fleet: Mapping[str, tuple[str, ...]] = FLEET) -> Iterator[TlsBrok
     Identities: every device of ``fleet`` and the coordinator (``pki.COORDINATOR_IDENTITY``).
     The CRL starts empty.
     """
-    group = _broker_group()
+    group = broker_group()
     with broker_directory() as directory:
         ca = pki.create_ca("nanofleet test CA")
         ca_file = directory / "ca.crt"

@@ -222,6 +222,11 @@ class RolloutView:
     finished_at: datetime | None
     waves: tuple[WaveView, ...]
 
+    @property
+    def halted_wave(self) -> WaveView | None:
+        """The first wave whose decision was to halt (state ``failed``), if any."""
+        return next((w for w in self.waves if w.state is WaveState.FAILED), None)
+
 
 @dataclass(frozen=True)
 class UpdateView:

@@ -43,22 +43,14 @@ class TokenCheck:
     def __call__(self, request: Request) -> None:
         presented = self.presented(request)
         if presented is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                detail={
-                    "error": "unauthorized",
-                    "field": "authorization",
-                    "message": "missing bearer token: send 'Authorization: Bearer <token>'",
-                },
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
         if not self.matches(presented):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                detail={
-                    "error": "unauthorized",
-                    "field": "authorization",
-                    "message": "invalid bearer token",
-                },
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise _unauthorized("invalid bearer token")
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        detail={"error": "unauthorized", "field": "authorization", "message": message},
+        headers={"WWW-Authenticate": "Bearer"},
+    )

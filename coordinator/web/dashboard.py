@@ -314,10 +314,10 @@ def dashboard_router(registry: Registry, token: str) -> APIRouter:
             r = registry.get_rollout(rollout_id)
         except NotFoundError as e:
             raise HTTPException(404, detail=str(e)) from e
-        failed = [w for w in r.waves if w.state.value == "failed"]
+        halted = r.halted_wave
         reason = (
-            f"<p class='reason' id='halt-reason'>Halted: {escape(failed[0].reason or '')}</p>"
-            if failed
+            f"<p class='reason' id='halt-reason'>Halted: {escape(halted.reason or '')}</p>"
+            if halted is not None
             else ""
         )
         t = r.thresholds

@@ -53,8 +53,8 @@ def rollout_json(
     data["release"] = release_json(rollout.release)
     for wave, view in zip(data["waves"], rollout.waves, strict=True):
         wave["size"] = str(view.size)
-    halted = [w for w in rollout.waves if w.state.value == "failed"]
-    data["halt_reason"] = halted[0].reason if halted else None
+    halted = rollout.halted_wave
+    data["halt_reason"] = halted.reason if halted is not None else None
     if decisions is not None:
         data["decisions"] = jsonable(decisions)
     return data

@@ -366,32 +366,32 @@ class MqttLink:
                     properties=properties,
                 )
             except (OSError, ValueError) as e:
-                delay = reconnect_delay(
-                    attempt, self._rng, min_s=opts.reconnect_min_s, max_s=opts.reconnect_max_s
-                )
-                log.warning(
+                attempt = self._back_off(
+                    attempt,
+                    "mqtt_connect_failed",
                     "cannot connect to the MQTT broker: %s; retrying in %.1f s",
                     e,
-                    delay,
-                    extra={"event": "mqtt_connect_failed", "broker": f"{opts.host}:{opts.port}"},
                 )
-                attempt += 1
-                self._stop.wait(delay)
                 continue
             if self._serve_connection():
                 attempt = 0
             if self._stop.is_set():
                 break
-            delay = reconnect_delay(
-                attempt, self._rng, min_s=opts.reconnect_min_s, max_s=opts.reconnect_max_s
+            attempt = self._back_off(
+                attempt, "mqtt_disconnected", "MQTT connection lost; reconnecting in %.1f s"
             )
-            log.warning(
-                "MQTT connection lost; reconnecting in %.1f s",
-                delay,
-                extra={"event": "mqtt_disconnected", "broker": f"{opts.host}:{opts.port}"},
-            )
-            attempt += 1
-            self._stop.wait(delay)
+
+    def _back_off(self, attempt: int, event: str, message: str, *args: object) -> int:
+        """Log ``message`` (its last ``%`` is the delay), wait a jittered delay; next attempt."""
+        opts = self.options
+        delay = reconnect_delay(
+            attempt, self._rng, min_s=opts.reconnect_min_s, max_s=opts.reconnect_max_s
+        )
+        log.warning(
+            message, *args, delay, extra={"event": event, "broker": f"{opts.host}:{opts.port}"}
+        )
+        self._stop.wait(delay)
+        return attempt + 1
 
     def _serve_connection(self) -> bool:
         """Run the network loop until the connection ends; True if it was ever accepted."""

@@ -151,6 +151,8 @@ def test_wave_failures_past_the_threshold_halt_the_rollout(
         assert status["halt_reason"] == reason
         assert "halted" in table
         assert "3 of 12 devices failed" in " ".join(table.split())
+        page = httpx.get(f"{base_url}/ui/rollouts/1", headers=AUTH).text
+        assert "id='halt-reason'>Halted: wave 2 of 3: 3 of 12 devices failed" in page
 
 
 def test_adapter_evaluation_regression_halts_the_rollout(

@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 from sqlalchemy import Engine, Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -115,6 +115,7 @@ MAX_AUDIT_DETAILS: Final = 16 * 1024  # bytes of JSON
 _IN_CHUNK: Final = 500  # ids per IN (...) clause
 _ROWS_PER_STATEMENT: Final = 500  # rows per multi-row INSERT (SQLite's bound-variable limit)
 POLICY_ACTOR: Final = "policy"
+_T = TypeVar("_T")
 
 Incoming = tuple[str, DeviceStatus | HeartbeatMessage | UpdateProgress, datetime]
 """One device message: (device id from the topic, parsed payload, coordinator receive time)."""
@@ -151,9 +152,9 @@ def _check_limit(limit: int, offset: int = 0) -> None:
         raise RefusedError(f"offset {offset} is negative")
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
+def _chunks(items: Sequence[_T], size: int = _IN_CHUNK) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _hour(at: datetime) -> datetime:
@@ -401,8 +402,8 @@ class Registry:
                 seen[device_id] = received
         upsert = self._upsert(s)
         latest = list(rows.values())
-        for start in range(0, len(latest), _ROWS_PER_STATEMENT):
-            stmt = upsert(Heartbeat).values(latest[start : start + _ROWS_PER_STATEMENT])
+        for part in _chunks(latest, _ROWS_PER_STATEMENT):
+            stmt = upsert(Heartbeat).values(part)
             s.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[Heartbeat.device_id],
@@ -411,8 +412,8 @@ class Registry:
                 )
             )
         counts = [{"device_id": d, "hour": h, "count": n} for (d, h), n in hours.items()]
-        for start in range(0, len(counts), _ROWS_PER_STATEMENT):
-            stmt = upsert(HeartbeatHour).values(counts[start : start + _ROWS_PER_STATEMENT])
+        for hour_rows in _chunks(counts, _ROWS_PER_STATEMENT):
+            stmt = upsert(HeartbeatHour).values(hour_rows)
             s.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[HeartbeatHour.device_id, HeartbeatHour.hour],

@@ -48,6 +48,9 @@ def test_heartbeats_in_one_batch_are_judged_in_order(
     assert registry.get_device("dev-2").agent_version == "0.1.0"
     counted = sum(n for _, n in registry.heartbeat_history("dev-1", since=t0))
     assert counted == 6
+    # The stored heartbeat is the newest: a later one older than it is stale.
+    late = [("dev-1", heartbeat(t0 + timedelta(seconds=35)), t1)]
+    assert registry.ingest(late) == [Ingest.STALE]
 
 
 def test_a_full_batch_of_heartbeats_is_written(registry: Registry, clock: ManualClock) -> None:
@@ -63,3 +66,6 @@ def test_a_full_batch_of_heartbeats_is_written(registry: Registry, clock: Manual
     assert sum(n for _, n in registry.heartbeat_history(devices[0], since=t)) == (
         2 + MAX_BATCH - 2 * len(devices)
     )
+    # Every multi-row statement was written: each device's stored heartbeat is its newest.
+    late = [(d, heartbeat(t + timedelta(milliseconds=500)), t) for d in devices]
+    assert set(registry.ingest(late)) == {Ingest.STALE}

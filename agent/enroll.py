@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from agent.config import AgentSettings
 from agent.errors import RefusedError
+from agent.ota._fs import fsync_dir
 
 __all__ = [
     "BUNDLE_MAX_BYTES",
@@ -312,14 +313,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def enroll(
     path: Path,
     dest: Path = DEFAULT_DEST,
@@ -362,14 +355,14 @@ def enroll(
         for name, (relative, mode) in _LAYOUT.items():
             _write(staging / relative, files[name], mode)
         for sub in ("tls", "tuf"):
-            _fsync_dir(staging / sub)
+            fsync_dir(staging / sub)
         os.chmod(staging, _DIR_MODE)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if dest.exists():
             old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
             os.rename(dest, old / "previous")
         os.rename(staging, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None and (old / "previous").exists() and not dest.exists():

@@ -130,19 +130,10 @@ def repo() -> Iterator[tuple[RepoSimulator, RepoHTTPServer]]:
         yield sim, server
 
 
-CASES = [pytest.param(point, i, id=f"{point}-{i}") for point in POINTS for i in range(REPEATS)]
-
-
-@pytest.mark.parametrize(("point", "run"), CASES)
-def test_a_crash_at_each_point_leaves_a_working_device(
-    point: str,
-    run: int,
-    models: Models,
-    answers: dict[str, str],
-    repo: tuple[RepoSimulator, RepoHTTPServer],
-    tmp_path: Path,
-) -> None:
-    sim, server = repo
+def _device(
+    models: Models, sim: RepoSimulator, server: RepoHTTPServer, tmp_path: Path
+) -> tuple[Path, Path, Path]:
+    """An agent config trusting ``sim`` and following ``server``: (config, socket, state dir)."""
     root = tmp_path / "root.json"
     root.write_bytes(sim.root_bytes)
     sock = Path(f"/tmp/nf-fault-{tmp_path.name[-12:]}.sock")
@@ -157,6 +148,23 @@ def test_a_crash_at_each_point_leaves_a_working_device(
         group=GROUP,
         poll_interval_s=0.2,
     )
+    return config, sock, state
+
+
+CASES = [pytest.param(point, i, id=f"{point}-{i}") for point in POINTS for i in range(REPEATS)]
+
+
+@pytest.mark.parametrize(("point", "run"), CASES)
+def test_a_crash_at_each_point_leaves_a_working_device(
+    point: str,
+    run: int,
+    models: Models,
+    answers: dict[str, str],
+    repo: tuple[RepoSimulator, RepoHTTPServer],
+    tmp_path: Path,
+) -> None:
+    sim, server = repo
+    config, sock, state = _device(models, sim, server, tmp_path)
     bad = point in ROLLBACK_POINTS
     release = models.bad if bad else models.good
     old, new = _hash(models.factory), _hash(release)
@@ -216,20 +224,7 @@ def test_a_release_that_keeps_killing_the_agent_is_rolled_back(
     """Killed twice with the new model live: the third start rolls it back for good
     (``activation_interrupted``) instead of trying again, and serves the old model."""
     sim, server = repo
-    root = tmp_path / "root.json"
-    root.write_bytes(sim.root_bytes)
-    sock = Path(f"/tmp/nf-fault-{tmp_path.name[-12:]}.sock")
-    state = tmp_path / "state"
-    config = agent_config(
-        tmp_path / "agent.toml",
-        model_dir=models.factory,
-        socket_path=sock,
-        state_dir=state,
-        root_file=root,
-        repository_url=server.url,
-        group=GROUP,
-        poll_interval_s=0.2,
-    )
+    config, sock, state = _device(models, sim, server, tmp_path)
     old = _hash(models.factory)
     for attempt in range(2):
         with ManagedProcess(

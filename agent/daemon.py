@@ -367,7 +367,8 @@ def _update_service(settings: AgentSettings, holder: ModelHolder[Any], link: Any
             if progress.state in endings:
                 link.status_changed()
 
-    return UpdateService(settings.ota, activator, report)
+    device_id = settings.mqtt.device_id if settings.mqtt is not None else None
+    return UpdateService(settings.ota, activator, report, device_id=device_id)
 
 
 def _log_progress(progress: Any) -> None:

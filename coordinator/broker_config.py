@@ -10,7 +10,8 @@ that username only, never by the client id a client chooses:
   ``user`` block per device: mosquitto's ACL file has no notion of groups);
 - the coordinator: read every device's status, heartbeat and progress; read and write
   the release announcements and round invitations of every group (reading its own retained
-  announcements lets it reconcile them after a restart).
+  announcements lets it reconcile them after a restart), and each device's own
+  ``releases`` topic (a staged rollout's wave is announced to its devices only).
 
 Everything else is denied: a device can neither read another device's topics nor publish
 under them, and it cannot publish announcements. The production template also sets
@@ -80,8 +81,13 @@ def coordinator_read_filters() -> list[str]:
 
 
 def coordinator_write_filters() -> list[str]:
-    """What the coordinator reads and writes: every group's announcements and invitations."""
-    return [f"{topics.PREFIX}/groups/+/releases/+", f"{topics.PREFIX}/groups/+/rounds"]
+    """What the coordinator reads and writes: every group's announcements and invitations,
+    and every device's own release topic."""
+    return [
+        f"{topics.PREFIX}/groups/+/releases/+",
+        f"{topics.PREFIX}/groups/+/rounds",
+        f"{topics.PREFIX}/devices/+/releases",
+    ]
 
 
 def render_acl(

@@ -37,8 +37,14 @@ from coordinator.errors import ConfigError
 from coordinator.mqtt import BrokerOptions, IngestOptions, Ingestor, TlsFiles
 from coordinator.registry import LinkState, LivenessRule, Registry, open_registry
 from coordinator.registry.api import utc_now
+from coordinator.repository import KeyRing, Repository, env_passphrases
 from coordinator.rollout.policy import RolloutState
-from coordinator.rollout.publisher import LogPublisher, MqttPublisher, repository_timestamp_version
+from coordinator.rollout.publisher import (
+    LogPublisher,
+    MqttPublisher,
+    PointerPublisher,
+    repository_timestamp_version,
+)
 from coordinator.rollout.runner import Publisher, RolloutRunner
 from coordinator.settings import CoordinatorSettings, MqttSettings, load_settings
 from coordinator.web.api import API_PREFIX, api_router
@@ -103,6 +109,29 @@ class _FleetCollector(Collector):
             yield queue
 
 
+def _wave_publisher(settings: CoordinatorSettings, ingestor: Ingestor | None) -> Publisher:
+    """Sign each wave's device pointers (with ``keys``), then announce (with a broker)."""
+    announce: Publisher = (
+        MqttPublisher(
+            ingestor.link,
+            channel=settings.channel,
+            repository_url=settings.repository_url,
+            timestamp_version=lambda: repository_timestamp_version(settings.repository_path),
+        )
+        if ingestor is not None
+        else LogPublisher()
+    )
+    if settings.keys is None:
+        log.warning(
+            "no keys directory: rollout waves are announced but devices install what their "
+            "group pointer names",
+            extra={"event": "rollout_unsigned"},
+        )
+        return announce
+    repository = Repository(settings.repository_path, KeyRing([settings.keys], env_passphrases()))
+    return PointerPublisher(repository, announce, channel=settings.channel)
+
+
 class Coordinator:
     """Everything `nanofleet serve` runs, built from settings; :meth:`start` the loops."""
 
@@ -125,17 +154,7 @@ class Coordinator:
             )
             self.ingestor = Ingestor(broker_options(settings.mqtt), self.registry.ingest, options)
         if publisher is None:
-            publisher = (
-                MqttPublisher(
-                    self.ingestor.link,
-                    repository_url=settings.repository_url,
-                    timestamp_version=lambda: repository_timestamp_version(
-                        settings.repository_path
-                    ),
-                )
-                if self.ingestor is not None
-                else LogPublisher()
-            )
+            publisher = _wave_publisher(settings, self.ingestor)
         self.runner = RolloutRunner(self.registry, publisher)
         self.rule = LivenessRule(
             interval_s=settings.heartbeat_interval_s, missed=settings.missed_heartbeats

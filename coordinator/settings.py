@@ -86,7 +86,13 @@ class CoordinatorSettings(BaseSettings):
     repository_path: Path = Path("repository")
     """The TUF repository directory served under /repo."""
     keys: Path | None = None
-    """The online (timestamp, snapshot) signing keys' directory, for the release tooling."""
+    """The online signing keys' directory (timestamp, snapshot, channels, adapters). With it,
+    each rollout wave signs its devices' own pointers; without it, rollouts only announce
+    and devices install what their group's pointer names."""
+    channel: str = Field(
+        default="stable", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$"
+    )
+    """The release channel rollouts move (the agents' ``ota.channel``)."""
     repository_url: str = "http://127.0.0.1:8080/repo"
     """The repository URL announcements name (advisory; devices trust their own)."""
     rollout_interval_s: float = Field(default=5.0, gt=0, le=3600)  # seconds between steps

@@ -79,7 +79,11 @@ RepositoryUrl = Annotated[
 
 
 class ReleaseAnnouncement(Message):
-    """A hint that a group's release channel has moved on. It carries no trust.
+    """A hint that a group's release channel (or one device's) has moved on. No trust.
+
+    On a group's topic ``group`` names that group; on a device's own topic
+    (:func:`protocol.topics.device_releases`, what a staged rollout sends to one wave's
+    devices) it names the device id.
 
     A device that reads it refreshes its TUF metadata from its configured repository (the
     URL here is advisory and must match a repository the device already trusts) and

@@ -12,6 +12,9 @@ Target paths (every ``{...}`` is one path level):
   because a TUF path pattern's ``*`` matches one level only.
 - ``channels/{group}/{channel}``: the :class:`ChannelPointer` of a group's release channel,
   listed by the delegated :data:`CHANNELS_ROLE` (the coordinator's key).
+- ``devices/{device_id}/{channel}``: a :class:`DevicePointer`, one device's own release
+  channel, listed by :data:`CHANNELS_ROLE` too. A staged rollout moves these wave by wave; a
+  device follows its own pointer when there is one and its group's otherwise.
 
 Invariants:
 
@@ -24,6 +27,7 @@ Invariants:
 - a :class:`ChannelPointer` names the base a channel runs and, optionally, one adapter on
   top of it. The pointer cannot say which base an adapter fits: the adapter's own signed
   manifest does, and both sides check that its ``base_bundle_sha256`` is ``base.sha256``.
+  A :class:`DevicePointer` names the same things for one device and overrides the group's.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ CUSTOM_KEY: Final = "nanofleet"
 MODELS_DIR: Final = "models"
 ADAPTERS_DIR: Final = "adapters"
 CHANNELS_DIR: Final = "channels"
+DEVICES_DIR: Final = "devices"
 
 #: Delegated role that may list adapter files only; its key is held by the coordinator.
 ADAPTERS_ROLE: Final = "adapters"
@@ -50,7 +55,7 @@ CHANNELS_ROLE: Final = "channels"
 #: The path patterns each delegated role is confined to (``*`` matches one path level).
 DELEGATED_PATHS: Final[dict[str, tuple[str, ...]]] = {
     ADAPTERS_ROLE: (f"{ADAPTERS_DIR}/*/*/*",),
-    CHANNELS_ROLE: (f"{CHANNELS_DIR}/*/*",),
+    CHANNELS_ROLE: (f"{CHANNELS_DIR}/*/*", f"{DEVICES_DIR}/*/*"),
 }
 
 #: Largest release counter (JSON-safe integer).
@@ -76,6 +81,11 @@ def manifest_target_path(kind: BundleKind, name: str, version: str) -> str:
 def channel_target_path(group: str, channel: str) -> str:
     """Return the TUF target path of a group channel's pointer."""
     return f"{CHANNELS_DIR}/{group}/{channel}"
+
+
+def device_pointer_path(device_id: str, channel: str) -> str:
+    """Return the TUF target path of one device's own pointer for ``channel``."""
+    return f"{DEVICES_DIR}/{device_id}/{channel}"
 
 
 class BundleTargetInfo(StrictModel):
@@ -110,7 +120,21 @@ class ChannelPointer(Message):
     """An adapter to run on top of ``base``, or ``None`` for the plain base."""
 
 
-def custom_field(info: BundleTargetInfo | ChannelPointer) -> dict[str, Any]:
+class DevicePointer(Message):
+    """What one device's release channel should run; the target ``devices/{device_id}/{channel}``.
+
+    It overrides the device's group pointer while it exists: a staged rollout points the
+    devices of each started wave here, and devices of waves not started keep following their
+    group. The device checks ``device_id`` and ``channel`` against its own.
+    """
+
+    device_id: TopicSegment
+    channel: TopicSegment
+    base: BundleRef
+    adapter: BundleRef | None = None
+
+
+def custom_field(info: BundleTargetInfo | ChannelPointer | DevicePointer) -> dict[str, Any]:
     """Return the TUF ``custom`` object that carries ``info``."""
     return {CUSTOM_KEY: info.model_dump(mode="json")}
 
@@ -138,3 +162,12 @@ def parse_channel_pointer(custom: object) -> ChannelPointer:
         ValueError: the custom field is missing or malformed (see :func:`parse_bundle_info`).
     """
     return ChannelPointer.model_validate(_unwrap(custom, "channel pointer target"))
+
+
+def parse_device_pointer(custom: object) -> DevicePointer:
+    """Parse the ``custom`` object of a ``devices/{device_id}/{channel}`` target.
+
+    Raises:
+        ValueError: the custom field is missing or malformed (see :func:`parse_bundle_info`).
+    """
+    return DevicePointer.model_validate(_unwrap(custom, "device pointer target"))

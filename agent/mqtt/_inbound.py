@@ -82,7 +82,10 @@ class Kind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A followed topic: what it carries and the group (and channel) it is about."""
+    """A followed topic: what it carries and the group (and channel) it is about.
+
+    A device's own release topic has the device id as ``group`` and no channel (any).
+    """
 
     topic: str
     kind: Kind
@@ -98,14 +101,25 @@ class Rejected:
     detail: str
 
 
-def routes_for(groups: Iterable[str], channels: Iterable[str], *, rounds: bool) -> dict[str, Route]:
-    """The topics a device follows, keyed by topic: each group's channels, and its rounds.
+def routes_for(
+    groups: Iterable[str],
+    channels: Iterable[str],
+    *,
+    rounds: bool,
+    device_id: str | None = None,
+) -> dict[str, Route]:
+    """The topics a device follows, keyed by topic: each group's channels, its rounds, and
+    (with ``device_id``) the device's own release topic, where a staged rollout's wave is
+    announced. An announcement there must name the device id as its group, any channel.
 
     Raises:
-        protocol.topics.TopicError: a group or channel is not a valid topic segment.
+        protocol.topics.TopicError: a group, channel or device id is not a valid segment.
     """
     wanted = list(channels)
     routes: dict[str, Route] = {}
+    if device_id is not None:
+        topic = topics.device_releases(device_id)
+        routes[topic] = Route(topic, Kind.ANNOUNCEMENT, device_id)
     for group in groups:
         for channel in wanted:
             topic = topics.release_announcements(group, channel)
@@ -141,7 +155,7 @@ def decode_message(
         if route.kind is Kind.ANNOUNCEMENT:
             announcement = decode_payload(ReleaseAnnouncement, payload)
             named = (announcement.group, announcement.channel)
-            if named != (route.group, route.channel):
+            if named != (route.group, route.channel or announcement.channel):
                 return Rejected(
                     DropReason.MISMATCHED,
                     f"{topic}: the announcement names group {named[0]!r} channel {named[1]!r}",

@@ -151,7 +151,12 @@ class DeviceLink:
         self._clock = clock
         self._monotonic = monotonic
         self._context = tls_context(settings) if settings.tls else None
-        self.routes = routes_for(settings.groups, settings.channels, rounds=settings.follow_rounds)
+        self.routes = routes_for(
+            settings.groups,
+            settings.channels,
+            rounds=settings.follow_rounds,
+            device_id=settings.device_id,
+        )
         self.status_topic = topics.device_status(settings.device_id)
         self.heartbeat_topic = topics.device_heartbeat(settings.device_id)
         self.progress_topic = topics.update_progress(settings.device_id)

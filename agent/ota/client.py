@@ -5,8 +5,10 @@ Trust comes only from the root pinned at provisioning. Every check runs python-t
 so versions never go back, even across reboots. What the client returns is built from
 verified metadata alone:
 
-1. the channel pointer ``channels/{group}/{channel}`` (listed by the ``channels`` role or the
-   top-level targets role; a pointer listed anywhere else is not found);
+1. the device's own pointer ``devices/{device_id}/{channel}`` if there is one (a staged
+   rollout puts it there), else the group's pointer ``channels/{group}/{channel}``; both are
+   listed by the ``channels`` role or the top-level targets role (a pointer listed anywhere
+   else is not found), and must name this device (or group) and channel;
 2. each bundle's ``manifest.json`` target with the signed manifest and release counter in its
    custom field; base files are only found under ``models/`` in the offline-signed targets
    role, adapter files under ``adapters/`` in the ``adapters`` role or above;
@@ -67,10 +69,14 @@ from agent.ota.store import BlobStore
 from protocol.bundle import MANIFEST_NAME, BundleKind, BundleManifest, bundle_hash
 from protocol.messages import BundleRef, ReleaseAnnouncement
 from protocol.release import (
+    ChannelPointer,
+    DevicePointer,
     channel_target_path,
+    device_pointer_path,
     manifest_target_path,
     parse_bundle_info,
     parse_channel_pointer,
+    parse_device_pointer,
 )
 
 _T = TypeVar("_T")
@@ -144,10 +150,12 @@ class RepositoryClient:
         channel: str,
         installed: Installed | None,
         hint: ReleaseAnnouncement | None = None,
+        device_id: str | None = None,
     ) -> ReleasePlan | None:
         """Verify the channel's current release; return it, or None if nothing is to be done.
 
-        Nothing is to be done when the channel has no pointer or names what is installed.
+        With ``device_id``, the device's own pointer (if any) overrides the group's. Nothing
+        is to be done when neither pointer exists or the one followed names what is installed.
 
         Raises:
             UpdateRefusedError: a subclass naming what failed verification.
@@ -171,15 +179,9 @@ class RepositoryClient:
                     f"the announcement names timestamp version {hint.timestamp_version}, the "
                     f"repository serves version {timestamp_version}"
                 )
-            pointer_info = updater.get_targetinfo(channel_target_path(group, channel))
-            if pointer_info is None:
+            pointer = self._pointer(updater, group, channel, device_id)
+            if pointer is None:
                 return None
-            pointer = _parse(parse_channel_pointer, pointer_info, "channel pointer")
-            if (pointer.group, pointer.channel) != (group, channel):
-                raise ManifestMismatchError(
-                    f"the pointer at {pointer_info.path} names group {pointer.group!r} "
-                    f"channel {pointer.channel!r}"
-                )
             if installed is not None and (
                 pointer.base.sha256 == installed.base_sha256
                 and (pointer.adapter.sha256 if pointer.adapter else None)
@@ -242,6 +244,31 @@ class RepositoryClient:
                     raise TargetHashMismatchError(f"{planned.target_path}: {e}") from e
         with translate_errors("manifest files"):
             check_manifest_files(plan, store)
+
+    def _pointer(
+        self, updater: Updater, group: str, channel: str, device_id: str | None
+    ) -> ChannelPointer | DevicePointer | None:
+        """The device's own pointer if it has one, else its group's (or None)."""
+        if device_id is not None:
+            info = updater.get_targetinfo(device_pointer_path(device_id, channel))
+            if info is not None:
+                mine = _parse(parse_device_pointer, info, "device pointer")
+                if (mine.device_id, mine.channel) != (device_id, channel):
+                    raise ManifestMismatchError(
+                        f"the pointer at {info.path} names device {mine.device_id!r} "
+                        f"channel {mine.channel!r}"
+                    )
+                return mine
+        info = updater.get_targetinfo(channel_target_path(group, channel))
+        if info is None:
+            return None
+        pointer = _parse(parse_channel_pointer, info, "channel pointer")
+        if (pointer.group, pointer.channel) != (group, channel):
+            raise ManifestMismatchError(
+                f"the pointer at {info.path} names group {pointer.group!r} "
+                f"channel {pointer.channel!r}"
+            )
+        return pointer
 
     def _trusted_versions(self) -> tuple[int, bool]:
         """Read the timestamp version and the consistent-snapshot flag just verified.

@@ -280,9 +280,11 @@ class DeviceController:
         slots: SlotManager,
         activator: Activator,
         reporter: Callable[[UpdateProgress], None],
+        device_id: str | None = None,
     ) -> None:
         self.group = group
         self.channel = channel
+        self.device_id = device_id
         self.client = client
         self.store = store
         self.slots = slots
@@ -296,7 +298,10 @@ class DeviceController:
         return self.slots.inactive()
 
     def check(self, hint: ReleaseAnnouncement | None) -> ReleasePlan | None:
-        if hint is not None and (hint.group, hint.channel) != (self.group, self.channel):
+        # A hint names the group's channel, or (on the device's own topic) this device's.
+        if hint is not None and (
+            hint.channel != self.channel or hint.group not in (self.group, self.device_id)
+        ):
             log.info("ignoring an announcement for %s/%s", hint.group, hint.channel)
             return None
         current = self.slots.current()
@@ -309,7 +314,7 @@ class DeviceController:
             if current
             else None
         )
-        return self.client.check(self.group, self.channel, installed, hint)
+        return self.client.check(self.group, self.channel, installed, hint, self.device_id)
 
     def fetch(self, plan: ReleasePlan, progress: Callable[[int, int], None]) -> None:
         self.client.fetch(plan, self.store, progress)

@@ -72,8 +72,10 @@ class UpdateService:
         activator: Activator,
         reporter: Callable[[UpdateProgress], None],
         *,
+        device_id: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``device_id`` makes the device follow its own pointer when a rollout sets one."""
         self.settings = settings
         state = settings.state_dir
         url = settings.repository_url.rstrip("/")
@@ -93,6 +95,7 @@ class UpdateService:
             slots=self.slots,
             activator=activator,
             reporter=reporter,
+            device_id=device_id,
         )
         self._rng = rng or random.SystemRandom()
         self._stop = threading.Event()

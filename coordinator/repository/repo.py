@@ -29,14 +29,17 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 from securesystemslib.signer import Signer
@@ -59,19 +62,42 @@ from protocol.bundle import MANIFEST_NAME, BundleKind, BundleManifest, bundle_ha
 from protocol.messages import BundleRef
 from protocol.release import (
     ADAPTERS_ROLE,
+    CHANNELS_DIR,
     CHANNELS_ROLE,
     DELEGATED_PATHS,
     BundleTargetInfo,
     ChannelPointer,
+    DevicePointer,
     bundle_target_path,
     channel_target_path,
     custom_field,
+    device_pointer_path,
     manifest_target_path,
     parse_bundle_info,
     parse_channel_pointer,
+    parse_device_pointer,
 )
 
 DELEGATED_ROLES = (ADAPTERS_ROLE, CHANNELS_ROLE)
+#: The lock file every writer holds (``flock``), so the daemon and the CLI can share a repo.
+LOCK_NAME = ".lock"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _exclusive(
+    method: Callable[Concatenate[Repository, _P], _R],
+) -> Callable[Concatenate[Repository, _P], _R]:
+    """Run a writer holding the repository's lock (re-entrant within one object)."""
+
+    def locked(self: Repository, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock():
+            return method(self, *args, **kwargs)
+
+    return cast("Callable[Concatenate[Repository, _P], _R]", functools.wraps(method)(locked))
+
+
 _CHUNK = 1 << 20  # bytes read at a time while hashing
 
 
@@ -126,7 +152,11 @@ def _utc_now() -> datetime:
 
 
 class Repository:
-    """A repository directory; see the module docstring. Not safe for concurrent writers."""
+    """A repository directory; see the module docstring.
+
+    Writers take an exclusive ``flock`` on ``.lock`` in the directory, so several processes
+    (the coordinator daemon moving pointers, the release CLI adding bundles) can share it.
+    """
 
     def __init__(
         self,
@@ -143,6 +173,29 @@ class Repository:
         self.keys = keys
         self.expiry = expiry or ExpiryPolicy()
         self._clock = clock
+        self._held = 0
+        self._guard = threading.RLock()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with self._guard:
+            if self._held:
+                self._held += 1
+                try:
+                    yield
+                finally:
+                    self._held -= 1
+                return
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._held = 1
+                try:
+                    yield
+                finally:
+                    self._held = 0
+            finally:
+                os.close(fd)  # closing releases the lock
 
     # ---- creation ----------------------------------------------------------------------
 
@@ -243,10 +296,19 @@ class Repository:
         return out
 
     def channels(self) -> list[ChannelPointer]:
-        """Return every channel pointer."""
+        """Return every group channel pointer."""
         return [
             parse_channel_pointer(target.custom)
-            for target in self.targets(CHANNELS_ROLE).signed.targets.values()
+            for path, target in self.targets(CHANNELS_ROLE).signed.targets.items()
+            if path.startswith(f"{CHANNELS_DIR}/")
+        ]
+
+    def device_pointers(self) -> list[DevicePointer]:
+        """Return every device's own pointer (those a staged rollout has moved)."""
+        return [
+            parse_device_pointer(target.custom)
+            for path, target in self.targets(CHANNELS_ROLE).signed.targets.items()
+            if not path.startswith(f"{CHANNELS_DIR}/")
         ]
 
     def find(self, name: str, version: str) -> PublishedBundle | None:
@@ -258,6 +320,7 @@ class Repository:
 
     # ---- releases ----------------------------------------------------------------------
 
+    @_exclusive
     def add_bundle(self, directory: Path, progress: Progress | None = None) -> PublishedBundle:
         """Publish the bundle in ``directory``: a base under targets, an adapter under adapters.
 
@@ -322,6 +385,7 @@ class Repository:
             self._publish(None, {role: md})
         return PublishedBundle(manifest, counter)
 
+    @_exclusive
     def point(self, group: str, channel: str, name: str, version: str) -> ChannelPointer:
         """Point ``group``'s ``channel`` at a published bundle (an adapter brings its base).
 
@@ -329,15 +393,7 @@ class Repository:
             RefusedError: the bundle is not published, or an adapter's base is not.
             SigningKeyError: the channels key is missing or locked.
         """
-        bundle = self.find(name, version)
-        if bundle is None:
-            raise RefusedError(
-                f"{name} {version} is not published; add it with `release add-bundle`"
-            )
-        if bundle.manifest.kind is BundleKind.BASE:
-            base, adapter = bundle, None
-        else:
-            base, adapter = self._check_adapter(bundle.manifest), bundle
+        base, adapter = self._release(name, version)
         try:
             pointer = ChannelPointer(
                 group=group,
@@ -347,22 +403,89 @@ class Repository:
             )
         except ValidationError as e:
             raise RefusedError(f"channel {group}/{channel}: {e}") from e
-        data = canonical_json(pointer)
-        path = channel_target_path(group, channel)
         md = self.targets(CHANNELS_ROLE)
+        if self._set_pointer(md, channel_target_path(group, channel), pointer):
+            self._publish(None, {CHANNELS_ROLE: md})
+        return pointer
+
+    @_exclusive
+    def point_devices(
+        self, device_ids: Iterable[str], channel: str, name: str, version: str
+    ) -> list[DevicePointer]:
+        """Point each device's own ``channel`` at a published bundle, in one publish.
+
+        A device with its own pointer follows it instead of its group's pointer; this is how
+        a staged rollout reaches exactly one wave's devices.
+
+        Raises:
+            RefusedError: the bundle or an adapter's base is not published, or a device id or
+                the channel is not a valid path segment.
+            SigningKeyError: the channels key is missing or locked.
+        """
+        base, adapter = self._release(name, version)
+        md = self.targets(CHANNELS_ROLE)
+        pointers, changed = [], False
+        for device_id in device_ids:
+            try:
+                pointer = DevicePointer(
+                    device_id=device_id,
+                    channel=channel,
+                    base=base.ref,
+                    adapter=adapter.ref if adapter else None,
+                )
+            except ValidationError as e:
+                raise RefusedError(f"device {device_id!r} channel {channel!r}: {e}") from e
+            changed |= self._set_pointer(md, device_pointer_path(device_id, channel), pointer)
+            pointers.append(pointer)
+        if changed:
+            self._publish(None, {CHANNELS_ROLE: md})
+        return pointers
+
+    @_exclusive
+    def clear_devices(self, device_ids: Iterable[str], channel: str) -> list[str]:
+        """Remove the devices' own pointers for ``channel`` (they follow their group again).
+
+        Returns the ids whose pointer was removed; unknown ids are skipped.
+
+        Raises:
+            SigningKeyError: the channels key is missing or locked.
+        """
+        md = self.targets(CHANNELS_ROLE)
+        removed = [
+            d for d in device_ids if md.signed.targets.pop(device_pointer_path(d, channel), None)
+        ]
+        if removed:
+            self._publish(None, {CHANNELS_ROLE: md})
+        return removed
+
+    def _release(self, name: str, version: str) -> tuple[PublishedBundle, PublishedBundle | None]:
+        """The base and adapter a pointer at ``name`` ``version`` names."""
+        bundle = self.find(name, version)
+        if bundle is None:
+            raise RefusedError(
+                f"{name} {version} is not published; add it with `release add-bundle`"
+            )
+        if bundle.manifest.kind is BundleKind.BASE:
+            return bundle, None
+        return self._check_adapter(bundle.manifest), bundle
+
+    def _set_pointer(
+        self, md: Metadata[Targets], path: str, pointer: ChannelPointer | DevicePointer
+    ) -> bool:
+        """List ``pointer`` at ``path`` in ``md``; False if it is already listed as is."""
         current = md.signed.targets.get(path)
-        if current is not None and parse_channel_pointer(current.custom) == pointer:
-            return pointer
-        sha256 = self._store_bytes(data, path)
+        if current is not None and current.custom == custom_field(pointer):
+            return False
+        data = canonical_json(pointer)
         md.signed.targets[path] = TargetFile(
             len(data),
-            {"sha256": sha256},
+            {"sha256": self._store_bytes(data, path)},
             path,
             unrecognized_fields={"custom": custom_field(pointer)},
         )
-        self._publish(None, {CHANNELS_ROLE: md})
-        return pointer
+        return True
 
+    @_exclusive
     def refresh(self, *, force: bool = False) -> list[str]:
         """Re-sign the online roles whose metadata is past half its lifetime (or all: ``force``).
 
@@ -397,6 +520,7 @@ class Repository:
 
     # ---- keys --------------------------------------------------------------------------
 
+    @_exclusive
     def rotate(
         self,
         role: str,

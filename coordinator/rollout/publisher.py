@@ -1,14 +1,21 @@
-"""Publishers of the rollout runner: how a started wave's devices are told.
+"""Publishers of the rollout runner: how a started wave's devices get the release.
 
+- :class:`PointerPublisher`: signs each device's own pointer
+  (``devices/{device_id}/{channel}``, :class:`protocol.release.DevicePointer`) at the
+  release with the online channels key, then hands the wave on. This is what makes a wave
+  real: a device follows its own pointer over its group's, so devices of waves not started
+  (and devices outside the rollout) keep what their group pointer names, even when they
+  poll the repository.
 - :class:`MqttPublisher`: one :class:`~protocol.messages.ReleaseAnnouncement` per device on
-  its own topic (:func:`protocol.topics.device_releases`), so exactly the wave's devices
-  hear of the release; devices of later waves hear nothing. An announcement is a hint: the
-  device still verifies everything against its TUF root.
+  its own topic (:func:`protocol.topics.device_releases`), so the wave's devices check at
+  once instead of at their next poll. An announcement is a hint: the device still verifies
+  everything against its TUF root.
 - :class:`LogPublisher`: records nothing on the wire (no broker configured); devices find the
   release when they poll their repository.
 
-The announcement's ``group`` is ``rollout`` and its ``channel`` the release kind; the
-``timestamp_version`` is read from the served repository's ``timestamp.json`` at send time.
+An announcement names the device id as its ``group`` and the rollout's channel; its
+``timestamp_version`` is read from the served repository's ``timestamp.json`` at send time
+(after the pointers moved, so the device's check finds them).
 """
 
 from __future__ import annotations
@@ -18,19 +25,28 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from coordinator.errors import TransientError
 from coordinator.mqtt.link import MqttLink
 from coordinator.registry.views import ReleaseView
+from coordinator.repository import Repository
 from protocol import topics
 from protocol.messages import ReleaseAnnouncement
 
-__all__ = ["ROLLOUT_GROUP", "LogPublisher", "MqttPublisher", "repository_timestamp_version"]
+__all__ = [
+    "DEFAULT_CHANNEL",
+    "LogPublisher",
+    "MqttPublisher",
+    "PointerPublisher",
+    "WavePublisher",
+    "repository_timestamp_version",
+]
 
 log = logging.getLogger("nanofleet.coordinator.rollout")
 
-ROLLOUT_GROUP: Final = "rollout"
+#: The release channel rollouts move unless configured otherwise (the agent's default too).
+DEFAULT_CHANNEL: Final = "stable"
 _MAX_TIMESTAMP_BYTES: Final = 64 * 1024
 
 
@@ -54,6 +70,42 @@ def repository_timestamp_version(repository_path: Path) -> int:
     return version
 
 
+class WavePublisher(Protocol):
+    """What :class:`PointerPublisher` hands a wave to once the pointers moved."""
+
+    def announce(self, device_ids: Sequence[str], release: ReleaseView) -> None: ...
+
+
+class PointerPublisher:
+    """Points each device of a wave at the release in the repository, then tells ``then``."""
+
+    def __init__(
+        self, repository: Repository, then: WavePublisher, *, channel: str = DEFAULT_CHANNEL
+    ) -> None:
+        self._repository = repository
+        self._then = then
+        self._channel = channel
+
+    def announce(self, device_ids: Sequence[str], release: ReleaseView) -> None:
+        """Sign the devices' pointers (one publish), then announce.
+
+        Raises:
+            RefusedError: the release is not published in the repository.
+            SigningKeyError: the channels key is missing or locked.
+            Exception: whatever ``then`` raised (the pointers are set; announcing again
+                is harmless).
+        """
+        self._repository.point_devices(device_ids, self._channel, release.name, release.version)
+        log.info(
+            "pointed %d devices at %s %s",
+            len(device_ids),
+            release.name,
+            release.version,
+            extra={"event": "rollout_pointed", "release_id": release.id},
+        )
+        self._then.announce(device_ids, release)
+
+
 class MqttPublisher:
     """Announces a release to each device of a wave over ``link`` (QoS 1, acknowledged)."""
 
@@ -61,12 +113,14 @@ class MqttPublisher:
         self,
         link: MqttLink,
         *,
+        channel: str = DEFAULT_CHANNEL,
         repository_url: str,
         timestamp_version: Callable[[], int],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         timeout_s: float = 10.0,
     ) -> None:
         self._link = link
+        self._channel = channel
         self._url = repository_url
         self._timestamp_version = timestamp_version
         self._clock = clock
@@ -79,17 +133,20 @@ class MqttPublisher:
             TransientError: the broker is away or did not acknowledge (the runner retries).
             RefusedError: the broker refused (the coordinator may not write device topics).
         """
-        message = ReleaseAnnouncement(
-            group=ROLLOUT_GROUP,
-            channel=release.kind.value,
-            repository_url=self._url,
-            timestamp_version=self._timestamp_version(),
-            published_at=self._clock(),
-        )
-        payload = message.model_dump_json().encode()
+        timestamp_version = self._timestamp_version()
+        published_at = self._clock()
         for device_id in device_ids:
+            message = ReleaseAnnouncement(
+                group=device_id,
+                channel=self._channel,
+                repository_url=self._url,
+                timestamp_version=timestamp_version,
+                published_at=published_at,
+            )
             self._link.publish(
-                topics.device_releases(device_id), payload, timeout_s=self._timeout_s
+                topics.device_releases(device_id),
+                message.model_dump_json().encode(),
+                timeout_s=self._timeout_s,
             )
         log.info(
             "announced %s %s to %d devices",

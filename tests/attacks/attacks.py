@@ -55,6 +55,8 @@ from tests.support.repo_simulator import (
 )
 
 GROUP, CHANNEL = "lab", "stable"
+#: The device under attack (its own pointer is ``devices/{DEVICE}/{CHANNEL}``).
+DEVICE = "dev-live"
 PAST = datetime(2020, 1, 1, tzinfo=UTC)
 
 
@@ -314,6 +316,22 @@ def pointer_names_another_manifest(s: Scene) -> None:
     s.sim.publish()
 
 
+def device_pointer_names_another_device(s: Scene) -> None:
+    """A pointer copied from another device's path (its content names that device)."""
+    directory, v2 = s.bundle("2.0.0")
+    s.sim.add_bundle(directory)
+    s.sim.point_device(DEVICE, CHANNEL, ref_of(v2), names="dev-other")
+    s.sim.publish()
+
+
+def device_pointer_to_base_signed_by_channels_key(s: Scene) -> None:
+    """The channels key may move a device's pointer, never vouch for a base."""
+    directory, v2 = s.bundle("2.0.0")
+    s.sim.add_bundle(directory, role=CHANNELS_ROLE)
+    s.sim.point_device(DEVICE, CHANNEL, ref_of(v2))
+    s.sim.publish()
+
+
 def base_release_counter_rollback(s: Scene) -> None:
     s.release("2.0.0")
     s.poll_quietly()
@@ -414,6 +432,7 @@ ATTACKS = [
     Attack(blob_replaced_by_symlink, UnsafePathError, "unsafe_path"),
     Attack(manifest_file_differs_from_target, ManifestMismatchError, "manifest_mismatch"),
     Attack(pointer_names_another_manifest, ManifestMismatchError, "manifest_mismatch"),
+    Attack(device_pointer_names_another_device, ManifestMismatchError, "manifest_mismatch"),
     Attack(
         base_release_counter_rollback,
         ReleaseCounterError,
@@ -423,6 +442,9 @@ ATTACKS = [
     Attack(base_signed_by_adapters_key, TargetNotSignedError, "target_not_signed"),
     Attack(base_signed_by_channels_key, TargetNotSignedError, "target_not_signed"),
     Attack(adapter_listed_by_channels_role, TargetNotSignedError, "target_not_signed"),
+    Attack(
+        device_pointer_to_base_signed_by_channels_key, TargetNotSignedError, "target_not_signed"
+    ),
     Attack(adapter_for_another_base, AdapterMismatchError, "adapter_mismatch"),
     Attack(adapter_rank_above_base, AdapterMismatchError, "adapter_mismatch"),
     Attack(adapter_for_another_tokenizer, AdapterMismatchError, "adapter_mismatch"),

@@ -22,8 +22,8 @@ from agent.ota.fetcher import FetchLimits
 from agent.ota.lifecycle import Phase
 from protocol.bundle import MANIFEST_NAME, BundleManifest
 from protocol.messages import UpdateState
-from protocol.release import ADAPTERS_ROLE
-from tests.attacks.attacks import ATTACKS, CHANNEL, GROUP, Attack, Scene
+from protocol.release import ADAPTERS_ROLE, CHANNELS_ROLE, device_pointer_path
+from tests.attacks.attacks import ATTACKS, CHANNEL, DEVICE, GROUP, Attack, Scene
 from tests.support.repo_simulator import (
     RepoHTTPServer,
     RepoSimulator,
@@ -64,7 +64,9 @@ def scene(tmp_path: Path) -> Iterator[SimScene]:
         limits = FetchLimits(
             read_timeout_s=2, deadline_s=10, min_rate_bytes_per_s=64 * 1024, rate_grace_s=0.2
         )
-        device = SimDevice(tmp_path / "device", sim.root_bytes, server.url, limits=limits)
+        device = SimDevice(
+            tmp_path / "device", sim.root_bytes, server.url, limits=limits, device_id=DEVICE
+        )
         outcome = device.poll()
         assert outcome.error is None, outcome.error
         assert outcome.record.phase is Phase.COMMITTED
@@ -184,6 +186,55 @@ def test_a_pointer_listed_by_the_adapters_role_is_never_seen(scene: SimScene) ->
     assert outcome.error is None
     assert outcome.record.phase is Phase.IDLE
     assert scene.device.installed_files() == before
+
+
+def test_a_device_pointer_listed_by_the_adapters_role_is_never_seen(scene: SimScene) -> None:
+    directory, v2 = scene.bundle("2.0.0")
+    scene.sim.add_bundle(directory)
+    scene.sim.point_device(DEVICE, CHANNEL, ref_of(v2), role=ADAPTERS_ROLE)
+    scene.sim.publish()
+    before = scene.device.installed_files()
+    outcome = scene.device.poll()
+    assert outcome.error is None
+    assert outcome.record.phase is Phase.IDLE
+    assert scene.device.installed_files() == before
+
+
+def test_a_device_follows_its_own_pointer_and_other_devices_their_group(
+    scene: SimScene,
+) -> None:
+    """A staged rollout's wave: only the pointed device installs v2, hint or poll."""
+    other = SimDevice(
+        scene.tmp / "other", scene.sim.root_bytes, scene.server.url, device_id="dev-other"
+    )
+    assert other.poll().record.phase is Phase.COMMITTED
+    directory, v2 = scene.bundle("2.0.0")
+    scene.sim.add_bundle(directory)
+    scene.sim.point_device(DEVICE, CHANNEL, ref_of(v2))
+    scene.sim.publish()
+    hint = scene.hint(scene.sim.timestamp.signed.version)
+    mine = hint.model_copy(update={"group": DEVICE})
+
+    outcome = other.poll(hint)
+    assert outcome.error is None
+    assert outcome.record.phase is Phase.IDLE
+    assert other.poll(mine.model_copy(update={"group": "dev-other"})).record.phase is Phase.IDLE
+    assert len(other.activator.activated) == 1
+    assert other.slots.current().base.version == "1.0.0"  # type: ignore[union-attr]
+
+    outcome = scene.device.poll(mine)
+    assert outcome.error is None, outcome.error
+    assert outcome.record.phase is Phase.COMMITTED
+    assert scene.device.slots.current().base.version == "2.0.0"  # type: ignore[union-attr]
+
+    # Once its own pointer is gone the device follows the group again (v1 is older: the
+    # release counter keeps it on v2; an adapter release would switch back).
+    scene.sim.remove_target(CHANNELS_ROLE, device_pointer_path(DEVICE, CHANNEL))
+    scene.sim.publish()
+    outcome = scene.device.poll()
+    assert outcome.error is not None
+    assert outcome.error.code == "release_counter_rollback"
+    assert scene.device.slots.current().base.version == "2.0.0"  # type: ignore[union-attr]
 
 
 def test_a_symlink_planted_in_the_inactive_slot_is_removed_not_followed(scene: SimScene) -> None:

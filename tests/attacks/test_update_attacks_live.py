@@ -44,7 +44,7 @@ from agent.ota.slots import SlotManager
 from agent.ota.store import BlobStore
 from protocol import topics
 from protocol.bundle import MANIFEST_NAME, BundleManifest, canonical_json
-from tests.attacks.attacks import ATTACKS, CHANNEL, GROUP, Attack, Scene
+from tests.attacks.attacks import ATTACKS, CHANNEL, DEVICE, GROUP, Attack, Scene
 from tests.support.mosquitto import Broker, mosquitto_binary, plain_broker
 from tests.support.mqtt_client import RecordingClient
 from tests.support.ota_models import build_ota_model
@@ -60,7 +60,6 @@ from tests.support.repo_simulator import (
 pytestmark = pytest.mark.mosquitto
 
 PROMPT = "hello world"
-DEVICE = "dev-live"
 #: Longest wait for one announcement to be handled: a throttled server is retried five
 #: times (each try gives up after the fetcher's 10 s grace) with jittered backoff.
 HANDLED_TIMEOUT_S = 240.0

@@ -73,9 +73,11 @@ from protocol.release import (
     DELEGATED_PATHS,
     BundleTargetInfo,
     ChannelPointer,
+    DevicePointer,
     bundle_target_path,
     channel_target_path,
     custom_field,
+    device_pointer_path,
     manifest_target_path,
 )
 
@@ -345,6 +347,34 @@ class RepoSimulator:
         )
         return pointer
 
+    def point_device(
+        self,
+        device_id: str,
+        channel: str,
+        base: BundleRef,
+        adapter: BundleRef | None = None,
+        *,
+        role: str = CHANNELS_ROLE,
+        names: str | None = None,
+    ) -> DevicePointer:
+        """List a device's own pointer at ``devices/{device_id}/{channel}``; ``names`` puts
+        another device id inside it (an attack)."""
+        pointer = DevicePointer(
+            device_id=names or device_id, channel=channel, base=base, adapter=adapter
+        )
+        self.add_target(
+            role,
+            device_pointer_path(device_id, channel),
+            canonical_json(pointer),
+            custom_field(pointer),
+        )
+        return pointer
+
+    def remove_target(self, role: str, path: str) -> None:
+        """Stop listing ``path`` in ``role`` (publish to take effect)."""
+        md = self.targets if role == "targets" else self.delegated[role]
+        del md.signed.targets[path]
+
     # -- serving
 
     def serve(self, path: str) -> bytes | None:
@@ -535,6 +565,7 @@ class SimDevice:
         limits: FetchLimits | None = None,
         group: str = "lab",
         channel: str = "stable",
+        device_id: str | None = None,
     ) -> None:
         self.state = state
         self.activator = FakeActivator()
@@ -556,6 +587,7 @@ class SimDevice:
             slots=self.slots,
             activator=self.activator,
             reporter=self.reports.append,
+            device_id=device_id,
         )
         self.records = RecordStore(state / "record.json")
         self.runner = self.new_runner()

@@ -89,8 +89,9 @@ def _announcement(group: str, channel: str = "stable") -> bytes:
     )
 
 
-ROUTES = routes_for(["lab"], ["stable", "beta"], rounds=True)
+ROUTES = routes_for(["lab"], ["stable", "beta"], rounds=True, device_id="dev-a")
 LAB = topics.release_announcements("lab", "stable")
+MINE = topics.device_releases("dev-a")
 
 
 @pytest.mark.parametrize(
@@ -103,6 +104,9 @@ LAB = topics.release_announcements("lab", "stable")
         (LAB, _announcement("lab")[:-1] + b',"extra":1}', DropReason.MALFORMED),
         (LAB, _announcement("lab", "beta"), DropReason.MISMATCHED),
         (LAB, _announcement("other"), DropReason.MISMATCHED),
+        (topics.device_releases("dev-b"), _announcement("dev-b"), "unexpected"),
+        (MINE, _announcement("lab"), DropReason.MISMATCHED),
+        (MINE, _announcement("dev-b"), DropReason.MISMATCHED),
     ],
 )
 def test_bad_messages_become_a_named_rejection(topic: str, payload: bytes, reason: str) -> None:
@@ -110,6 +114,15 @@ def test_bad_messages_become_a_named_rejection(topic: str, payload: bytes, reaso
     assert isinstance(out, Rejected)
     expected = DropReason.UNEXPECTED_TOPIC if reason == "unexpected" else reason
     assert out.reason is expected
+
+
+@pytest.mark.parametrize("channel", ["stable", "canary"])
+def test_a_wave_announcement_on_the_devices_own_topic_becomes_an_event(channel: str) -> None:
+    """A rollout wave names the device id; the channel is checked by the OTA controller."""
+    payload = _announcement("dev-a", channel)
+    out = decode_message(ROUTES, MINE, payload, retained=False, received_at=NOW)
+    assert isinstance(out, AnnouncementReceived)
+    assert (out.announcement.group, out.announcement.channel) == ("dev-a", channel)
 
 
 def test_a_good_announcement_becomes_an_event() -> None:

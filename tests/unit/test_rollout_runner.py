@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from coordinator.errors import RefusedError
 from coordinator.registry import Registry, ReleaseView, RolloutSpec, Selector
 from coordinator.rollout.policy import (
     Complete,
@@ -20,9 +21,11 @@ from coordinator.rollout.policy import (
     WaveSpec,
     WaveState,
 )
+from coordinator.rollout.publisher import MqttPublisher, PointerPublisher
 from coordinator.rollout.runner import RolloutRunner
+from protocol import topics
 from protocol.bundle import BundleKind, bundle_hash
-from protocol.messages import BundleRef, UpdateProgress, UpdateState
+from protocol.messages import BundleRef, ReleaseAnnouncement, UpdateProgress, UpdateState
 from tests.support.db_fixtures import ManualClock, make_manifest
 
 SOAK_S = 60
@@ -277,3 +280,61 @@ def test_advance_all_moves_every_active_rollout(
     assert set(decisions) == {a.id, b.id}
     assert all(isinstance(d, Wait) for d in decisions.values())
     assert publisher.announced() == {"dev-00", "dev-01", "dev-02", "dev-03", "lab-1"}
+
+
+@dataclass
+class RecordingRepository:
+    """Stands in for :class:`coordinator.repository.Repository`'s pointer writes."""
+
+    calls: list[tuple[tuple[str, ...], str, str, str]] = field(default_factory=list)
+    refuse: bool = False
+
+    def point_devices(
+        self, device_ids: Sequence[str], channel: str, name: str, version: str
+    ) -> list[object]:
+        if self.refuse:
+            raise RefusedError(f"{name} {version} is not published")
+        self.calls.append((tuple(device_ids), channel, name, version))
+        return []
+
+
+def test_pointer_publisher_signs_the_waves_pointers_before_announcing(
+    sqlite_registry: Registry,
+) -> None:
+    release = sqlite_registry.create_release(make_manifest(version="2.0.0"), actor="op")
+    repository = RecordingRepository()
+    then = InMemoryPublisher()
+    publisher = PointerPublisher(repository, then, channel="beta")  # type: ignore[arg-type]
+    publisher.announce(("d1", "d2"), release)
+    assert repository.calls == [(("d1", "d2"), "beta", release.name, "2.0.0")]
+    assert then.announced() == {"d1", "d2"}
+
+    repository.refuse = True
+    with pytest.raises(RefusedError):
+        publisher.announce(("d3",), release)
+    assert "d3" not in then.announced()  # never announce what devices cannot find
+
+
+def test_mqtt_publisher_tells_each_device_on_its_own_topic(sqlite_registry: Registry) -> None:
+    release = sqlite_registry.create_release(make_manifest(version="2.0.0"), actor="op")
+    sent: list[tuple[str, bytes]] = []
+
+    class Link:
+        def publish(self, topic: str, payload: bytes, *, timeout_s: float) -> None:
+            sent.append((topic, payload))
+
+    publisher = MqttPublisher(
+        Link(),  # type: ignore[arg-type]
+        channel="stable",
+        repository_url="https://coordinator.example/repo",
+        timestamp_version=lambda: 7,
+    )
+    publisher.announce(("d1", "d2"), release)
+    assert [t for t, _ in sent] == [topics.device_releases("d1"), topics.device_releases("d2")]
+    for (_, payload), device in zip(sent, ("d1", "d2"), strict=True):
+        message = ReleaseAnnouncement.model_validate_json(payload)
+        assert (message.group, message.channel, message.timestamp_version) == (
+            device,
+            "stable",
+            7,
+        )

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from coordinator.errors import RefusedError
 from coordinator.federation.accountant import epsilon as dp_epsilon
-from coordinator.federation.superlink import FlowerCli, RunFailedError, write_app
+from coordinator.federation.superlink import FlowerDriver, RunFailedError, write_app
 from coordinator.models.adapter_bundle import write_adapter_bundle
 from coordinator.repository import PublishedBundle, Repository
 from protocol.bundle import (
@@ -48,16 +49,21 @@ from protocol.rounds import FedAvg, Privacy, RoundManifest, SecAggPlus
 
 __all__ = [
     "ADAPTER_FILE",
+    "METRICS_FILE",
     "ROUND_MANIFEST_FILE",
     "RunResult",
     "RunSpec",
     "package_adapter",
+    "plan_manifest",
     "publish_adapter",
+    "run_output_dir",
     "run_personalization",
 ]
 
 ADAPTER_FILE = ADAPTER_NAME
 ROUND_MANIFEST_FILE = "round-manifest.json"
+#: The ServerApp's per-round figures (one JSON line per round) in the run's output directory.
+METRICS_FILE = "metrics.jsonl"
 
 Array = np.ndarray[Any, Any]
 
@@ -120,48 +126,82 @@ def _base_info(base: BundleManifest) -> tuple[int, int, int]:
     return base.model.hidden_size, base.model.vocab_size, base.model.max_adapter_rank
 
 
+def run_output_dir(work_dir: Path) -> Path:
+    """Where the ServerApp of a run in ``work_dir`` writes ``metrics.jsonl`` and ``result.npz``."""
+    return work_dir / "output"
+
+
+def plan_manifest(spec: RunSpec, base: BundleManifest, started_at: datetime) -> RoundManifest:
+    """The manifest of ``spec`` on ``base`` as it starts (no epsilon, result or end yet).
+
+    Raises:
+        RefusedError: the spec does not fit the base model or the round manifest rules.
+    """
+    _, _, max_rank = _base_info(base)
+    if not 1 <= spec.rank <= max_rank:
+        raise RefusedError(f"rank {spec.rank} is outside 1..{max_rank} of the base model")
+    if spec.secaggplus and min(spec.cohort_size, spec.min_nodes) < 3:
+        raise RefusedError(
+            f"SecAgg+ needs at least 3 devices per round (cohort {spec.cohort_size}, min nodes "
+            f"{spec.min_nodes}); run without it on fewer devices"
+        )
+    aggregation: FedAvg | SecAggPlus
+    try:
+        if spec.secaggplus:
+            aggregation = SecAggPlus(
+                kind="secaggplus",
+                num_shares=spec.cohort_size,
+                reconstruction_threshold=max(2, spec.min_nodes - 1),
+                clipping_range=8.0,
+                quantization_range=1 << 22,
+            )
+        else:
+            aggregation = FedAvg(kind="fedavg")
+        return RoundManifest(
+            round_id=spec.round_id,
+            group=spec.group,
+            rounds=spec.rounds,
+            cohort_size=spec.cohort_size,
+            min_nodes=spec.min_nodes,
+            adapter_rank=spec.rank,
+            aggregation=aggregation,
+            privacy=Privacy(
+                clip_norm=spec.clip_norm,
+                noise_multiplier=spec.noise_multiplier,
+                epsilon=None,
+                delta=spec.delta,
+            ),
+            base_bundle_sha256=bundle_hash(base),
+            started_at=started_at,
+        )
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'run'}: {err['msg']}" for err in e.errors()
+        )
+        raise RefusedError(f"run {spec.round_id!r}: {problems}") from e
+
+
 def run_personalization(
-    spec: RunSpec, base: BundleManifest, cli: FlowerCli, work_dir: Path
+    spec: RunSpec,
+    base: BundleManifest,
+    cli: FlowerDriver,
+    work_dir: Path,
+    *,
+    started_at: datetime | None = None,
 ) -> RunResult:
     """Run ``spec`` against the SuperLink ``cli`` talks to; return the finished run.
+
+    ``started_at`` (default: now) is the manifest's start, so a caller that recorded the
+    run's :func:`plan_manifest` first gets the same manifest back, finished.
 
     Raises:
         RefusedError: the spec does not fit the base model or the round manifest rules.
         RunFailedError: the run failed, timed out, or left no aggregate.
     """
-    hidden, vocab, max_rank = _base_info(base)
-    if not 1 <= spec.rank <= max_rank:
-        raise RefusedError(f"rank {spec.rank} is outside 1..{max_rank} of the base model")
-    started = datetime.now(UTC)
-    aggregation: FedAvg | SecAggPlus
-    if spec.secaggplus:
-        aggregation = SecAggPlus(
-            kind="secaggplus",
-            num_shares=spec.cohort_size,
-            reconstruction_threshold=max(2, spec.min_nodes - 1),
-            clipping_range=8.0,
-            quantization_range=1 << 22,
-        )
-    else:
-        aggregation = FedAvg(kind="fedavg")
-    manifest = RoundManifest(
-        round_id=spec.round_id,
-        group=spec.group,
-        rounds=spec.rounds,
-        cohort_size=spec.cohort_size,
-        min_nodes=spec.min_nodes,
-        adapter_rank=spec.rank,
-        aggregation=aggregation,
-        privacy=Privacy(
-            clip_norm=spec.clip_norm,
-            noise_multiplier=spec.noise_multiplier,
-            epsilon=None,
-            delta=spec.delta,
-        ),
-        base_bundle_sha256=bundle_hash(base),
-        started_at=started,
-    )
-    output = work_dir / "output"
+    hidden, vocab, _ = _base_info(base)
+    manifest = plan_manifest(spec, base, started_at or datetime.now(UTC))
+    aggregation = manifest.aggregation
+    output = run_output_dir(work_dir)
     shutil.rmtree(output, ignore_errors=True)
     config: dict[str, Any] = {
         "num-rounds": spec.rounds,
@@ -198,7 +238,7 @@ def run_personalization(
         raise RunFailedError(f"run {spec.round_id}: the aggregate is malformed or not finite")
     rounds = [
         json.loads(line)
-        for line in (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        for line in (output / METRICS_FILE).read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
     eps = spec.epsilon()

@@ -26,13 +26,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
 from coordinator.errors import CoordinatorError
 
 __all__ = [
     "APP_PYPROJECT",
     "FlowerCli",
+    "FlowerDriver",
     "RunFailedError",
     "SuperLink",
     "SuperLinkConfig",
@@ -66,6 +67,19 @@ clientapp = "agent.federated.client_app:app"
 
 class RunFailedError(CoordinatorError):
     """A Flower process did not start, or a run did not finish; the message has the log tail."""
+
+
+class FlowerDriver(Protocol):
+    """What a round needs of Flower: submit the app in ``app_dir`` and block until the run
+    ends. :class:`FlowerCli` is the real one; tests use a fake that plays the ServerApp."""
+
+    def run(self, app_dir: Path, run_config: Mapping[str, Any], timeout_s: float) -> str:
+        """Run the app; return its log.
+
+        Raises:
+            RunFailedError: the run failed or did not end within ``timeout_s``.
+        """
+        ...
 
 
 def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from agent.data_cmd import data_app
 from agent.enroll_cmd import enroll
 from agent.generate_cmd import generate
+from agent.supernode_cmd import supernode
 
 app = typer.Typer(
     name="nanofleet-agent",
@@ -47,6 +49,8 @@ def run(
 
 app.command("generate")(generate)
 app.command("enroll")(enroll)
+app.command("supernode")(supernode)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError
+from agent.federated.eligibility import EligibilityPolicy
 from agent.ota.health import HealthPolicy
 from protocol.topics import check_segment
 
@@ -267,6 +268,74 @@ class MqttSettings(BaseModel):
         return self.ca_file is not None
 
 
+class FederatedSettings(BaseModel):
+    """Federated personalization (``[federated]``, optional): the device's SuperNode, run by
+    ``nanofleet-agent supernode`` (:mod:`agent.supernode_cmd`).
+
+    Example (``nanofleet device provision --superlink`` writes it)::
+
+        [federated]
+        enabled = true
+        superlink = "fleet.example:9092"
+        ca_file = "/etc/nanofleet/tls/ca.crt"
+        node_key_file = "/etc/nanofleet/flower/supernode.key"
+        data_path = "/var/lib/nanofleet-federated/training-texts.sqlite3"
+        state_dir = "/var/lib/nanofleet-supernode"
+        [federated.eligibility]
+        idle_s = 300
+        window = "22:00-06:00"
+        min_examples = 64
+
+    The SuperNode is started only while the device is eligible
+    (:mod:`agent.federated.eligibility`) and stopped when it leaves the window or its data
+    falls short; an inference request during a round pauses training (serving marker)
+    instead of ending it.
+    """
+
+    model_config = _Frozen
+
+    #: Take part in rounds. Off: ``nanofleet-agent supernode`` exits at once.
+    enabled: bool = False
+    #: ``HOST:PORT`` of the SuperLink's Fleet API (TLS).
+    superlink: Annotated[
+        str,
+        Field(
+            min_length=3, max_length=260, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$"
+        ),
+    ]
+    #: The fleet CA (PEM) that signed the SuperLink's certificate.
+    ca_file: Path
+    #: The SuperNode's private key (OpenSSH PEM, P-384); ``enroll`` creates it, mode 0600.
+    node_key_file: Path
+    #: The local training-text store (:mod:`agent.federated.datastore`).
+    data_path: Path
+    #: The SuperNode's own state: its log and Flower home.
+    state_dir: Path
+    #: A file that exists while the agent serves a request (None: not watched).
+    serving_marker: Path | None = None
+    #: ``subprocess``: the SuperNode starts each ClientApp itself; ``process``: a separate
+    #: ``flower-superexec`` (its own systemd unit) does, over the loopback Runtime API.
+    isolation: Literal["subprocess", "process"] = "subprocess"
+    #: Loopback port of the SuperNode's Runtime API (None: Flower's default, 9094).
+    clientappio_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    #: Secret shared with ``flower-superexec`` (``process`` isolation).
+    superexec_secret_file: Path | None = None
+    #: Count the store's training examples before starting. A deployment where the
+    #: SuperNode may not read the store (the systemd units) turns it off; the ClientApp
+    #: then finds the store short and the round goes on without this device.
+    check_data: bool = True
+    #: When this device may train.
+    eligibility: EligibilityPolicy = EligibilityPolicy()
+    #: How often eligibility is checked again.
+    check_interval_s: Annotated[float, Field(ge=0.05, le=3600)] = 30.0
+
+    @model_validator(mode="after")
+    def _process_isolation_needs_secret(self) -> Self:
+        if self.isolation == "process" and self.superexec_secret_file is None:
+            raise ValueError("isolation 'process' needs superexec_secret_file")
+        return self
+
+
 class AgentSettings(BaseSettings):
     """Everything the agent is told by its operator."""
 
@@ -283,6 +352,7 @@ class AgentSettings(BaseSettings):
     log: LogSettings = LogSettings()
     ota: OtaSettings | None = None
     mqtt: MqttSettings | None = None
+    federated: FederatedSettings | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -14,6 +14,12 @@ it is read into memory under strict bounds and checked whole before anything is 
 - ``root.json`` is TUF root metadata signed by its own threshold of root keys;
 - ``agent.toml`` is valid agent settings for the same device id.
 
+When ``agent.toml`` has a ``[federated]`` section, the device also creates its SuperNode key
+pair here (P-384, :func:`agent.federated.supernode.new_node_key`): the private key never
+leaves the device (``flower/supernode.key``, 0600) and the public key
+(``flower/supernode.pub``) is what the operator registers with the SuperLink
+(``flwr supernode register``). Replacing an enrollment (``force``) makes a new pair.
+
 Then the files are written into a new directory beside ``dest``, with their final modes
 (directories 0750, the key 0600 in ``tls/``, settings 0640, certificates and the root
 0644), synced, and renamed into place: a device is enrolled completely or not at all. An
@@ -47,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from agent.config import AgentSettings
 from agent.errors import RefusedError
+from agent.federated.supernode import new_node_key
 from agent.ota._fs import fsync_dir
 
 __all__ = [
@@ -81,6 +88,9 @@ _LAYOUT: Final[Mapping[str, tuple[str, int]]] = {
     "device.key": ("tls/device.key", _KEY_MODE),
     "root.json": ("tuf/root.json", _PUBLIC_MODE),
 }
+#: The SuperNode's key pair, created on the device when the settings have ``[federated]``.
+NODE_KEY: Final = ("flower/supernode.key", _KEY_MODE)
+NODE_PUBLIC_KEY: Final = ("flower/supernode.pub", _PUBLIC_MODE)
 
 
 class EnrollmentError(RefusedError):
@@ -115,6 +125,8 @@ class Installed:
     dest: Path
     config: Path
     key: Path
+    #: The SuperNode's public key to register with the SuperLink (None: no [federated]).
+    node_public_key: Path | None = None
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -274,6 +286,12 @@ def _config(files: Mapping[str, bytes], device_id: str, dest: Path) -> dict[str,
     mqtt["cert_file"] = str(dest / _LAYOUT["device.crt"][0])
     mqtt["key_file"] = str(dest / _LAYOUT["device.key"][0])
     ota["root_file"] = str(dest / _LAYOUT["root.json"][0])
+    federated = config.get("federated")
+    if federated is not None:
+        if not isinstance(federated, dict):
+            raise EnrollmentError("agent.toml [federated] is not a table")
+        federated["ca_file"] = str(dest / _LAYOUT["ca.crt"][0])
+        federated["node_key_file"] = str(dest / NODE_KEY[0])
     try:
         _file_settings().model_validate(config)
     except ValidationError as e:
@@ -346,15 +364,21 @@ def enroll(
         + tomli_w.dumps(config)
     ).encode()
 
+    federated = "federated" in config
+    subdirs = ("tls", "tuf", "flower") if federated else ("tls", "tuf")
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.enroll-"))
     old: Path | None = None
     try:
-        for sub in ("tls", "tuf"):
+        for sub in subdirs:
             (staging / sub).mkdir(mode=_DIR_MODE)
             os.chmod(staging / sub, _DIR_MODE)
         for name, (relative, mode) in _LAYOUT.items():
             _write(staging / relative, files[name], mode)
-        for sub in ("tls", "tuf"):
+        if federated:
+            private, public = new_node_key()
+            _write(staging / NODE_KEY[0], private, NODE_KEY[1])
+            _write(staging / NODE_PUBLIC_KEY[0], public, NODE_PUBLIC_KEY[1])
+        for sub in subdirs:
             fsync_dir(staging / sub)
         os.chmod(staging, _DIR_MODE)
         fsync_dir(staging)
@@ -376,4 +400,5 @@ def enroll(
         dest=dest,
         config=dest / "agent.toml",
         key=dest / _LAYOUT["device.key"][0],
+        node_public_key=dest / NODE_PUBLIC_KEY[0] if federated else None,
     )

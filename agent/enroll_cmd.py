@@ -27,7 +27,8 @@ def enroll(
     ] = False,
 ) -> None:
     """Check an enrollment file (identity, CA signature, TUF root, settings) and install it
-    with restricted permissions: key 0600, directories 0750."""
+    with restricted permissions: keys 0600, directories 0750. With federated settings it
+    also creates the device's SuperNode key pair (flower/supernode.key and .pub)."""
     from agent.enroll import EnrollmentError
     from agent.enroll import enroll as install
 
@@ -39,6 +40,11 @@ def enroll(
     except OSError as e:
         typer.echo(f"error: {e.filename or dest}: {e.strerror}", err=True)
         raise typer.Exit(ExitCode.STATE_CORRUPT) from None
+    if installed.node_public_key is not None:
+        typer.echo(
+            f"SuperNode key created; register its public key with the federation "
+            f"(on the coordinator): flwr supernode register {installed.node_public_key}"
+        )
     typer.echo(
         f"enrolled device {installed.device_id} into {installed.dest}\n"
         f"start the agent: nanofleet-agent run --config {installed.config}\n"

@@ -146,6 +146,15 @@ def provision(
         Path | None,
         typer.Option("--out", help="The enrollment file to write (default: ./ID.enroll)."),
     ] = None,
+    superlink: Annotated[
+        str | None,
+        typer.Option(
+            "--superlink",
+            help="HOST:PORT of the SuperLink's Fleet API: the device takes part in federated "
+            "rounds (its certificate must come from the fleet CA).",
+            envvar="NANOFLEET_SUPERLINK",
+        ),
+    ] = None,
     registry_url: Annotated[
         str | None,
         typer.Option(
@@ -186,6 +195,7 @@ def provision(
             channel=channel,
             model_dir=PurePosixPath(model_dir),
             socket_group=socket_group or None,
+            superlink=superlink,
         )
         enrollment = build_enrollment(request, ca, root_json)
         write_enrollment(enrollment, target)

@@ -7,11 +7,17 @@ file is an uncompressed POSIX tar of exactly these regular files, flat (no direc
 - ``enrollment.json``: format name and version, the device id and groups, the creation
   time, and the SHA-256 of every other member;
 - ``agent.toml``: the agent's settings (loads with ``agent.config.AgentSettings``), its file
-  paths pointing into :data:`INSTALL_DIR` (``enroll --dest`` rewrites them);
+  paths pointing into :data:`INSTALL_DIR` (``enroll --dest`` rewrites them); with a
+  SuperLink address, a ``[federated]`` section too (the SuperLink, the fleet CA that signed
+  its certificate, the node key ``enroll`` creates on the device, the training store);
 - ``ca.crt``: the fleet CA certificate (the device trusts the broker through it);
 - ``device.crt`` and ``device.key``: the device's client certificate (CN = device id) and
   its private key, which exists nowhere else;
 - ``root.json``: the TUF root metadata the device pins (the only source of update trust).
+
+The SuperNode's key pair is not in the file: ``nanofleet-agent enroll`` creates it on the
+device, so its private key exists only there, and prints the public key's path for
+registration with the SuperLink.
 
 Invariants: the device key is generated here and written only into the enrollment file,
 which is created with mode 0600 and never overwritten; every name that goes into the file
@@ -25,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +55,7 @@ __all__ = [
     "EnrollmentRequest",
     "agent_config",
     "build_enrollment",
+    "check_superlink",
     "write_enrollment",
 ]
 
@@ -68,9 +76,28 @@ STATE_DIR: Final = PurePosixPath("/var/lib/nanofleet")
 SOCKET_PATH: Final = PurePosixPath("/run/nanofleet/agent.sock")
 SOCKET_GROUP: Final = "nanofleet-clients"
 MODEL_DIR: Final = PurePosixPath("/opt/nanofleet/model")
+#: The federated defaults: the ClientApp unit's store, the SuperNode unit's state.
+FEDERATED_DATA_PATH: Final = PurePosixPath("/var/lib/nanofleet-federated/training-texts.sqlite3")
+SUPERNODE_STATE_DIR: Final = PurePosixPath("/var/lib/nanofleet-supernode")
+FLOWER_DIR: Final = "flower"
 MQTT_TLS_PORT: Final = 8883
 _ROOT_MAX_BYTES: Final = MEMBER_MAX_BYTES
 _URL_MAX: Final = 2048
+
+
+_SUPERLINK = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$")
+
+
+def check_superlink(address: str) -> str:
+    """Return ``address`` if it is ``HOST:PORT`` (``[IPV6]:PORT``) with a port in 1..65535.
+
+    Raises:
+        RefusedError: it is not.
+    """
+    match = _SUPERLINK.fullmatch(address)
+    if match is None or not 1 <= int(match[2]) <= 65535:
+        raise RefusedError(f"SuperLink address {address!r} is not HOST:PORT")
+    return address
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,10 @@ class EnrollmentRequest:
     socket_group: str | None = SOCKET_GROUP
     state_dir: PurePosixPath = STATE_DIR
     socket_path: PurePosixPath = SOCKET_PATH
+    #: ``HOST:PORT`` of the SuperLink's Fleet API; None: the device takes no part in rounds.
+    superlink: str | None = None
+    federated_data_path: PurePosixPath = FEDERATED_DATA_PATH
+    supernode_state_dir: PurePosixPath = SUPERNODE_STATE_DIR
 
     def check(self) -> None:
         """Raise :class:`RefusedError` naming the first field that is invalid."""
@@ -111,10 +142,14 @@ class EnrollmentRequest:
                 f"repository url {url!r} must start with https:// (or http://) and be at most "
                 f"{_URL_MAX} characters"
             )
+        if self.superlink is not None:
+            check_superlink(self.superlink)
         for what, path in (
             ("model dir", self.model_dir),
             ("state dir", self.state_dir),
             ("socket path", self.socket_path),
+            ("federated data path", self.federated_data_path),
+            ("supernode state dir", self.supernode_state_dir),
         ):
             if not path.is_absolute():
                 raise RefusedError(f"{what} {str(path)!r} must be an absolute path")
@@ -132,7 +167,8 @@ class Enrollment:
 
 
 def agent_config(request: EnrollmentRequest, install_dir: PurePosixPath = INSTALL_DIR) -> str:
-    """The device's ``agent.toml``: model, socket, signed updates and the mTLS MQTT link."""
+    """The device's ``agent.toml``: model, socket, signed updates, the mTLS MQTT link and,
+    with a SuperLink, the federated section."""
     tls = install_dir / TLS_DIR
     server: dict[str, Any] = {"socket_path": str(request.socket_path)}
     if request.socket_group is not None:
@@ -158,6 +194,15 @@ def agent_config(request: EnrollmentRequest, install_dir: PurePosixPath = INSTAL
             "key_file": str(tls / "device.key"),
         },
     }
+    if request.superlink is not None:
+        config["federated"] = {
+            "enabled": True,
+            "superlink": request.superlink,
+            "ca_file": str(tls / "ca.crt"),
+            "node_key_file": str(install_dir / FLOWER_DIR / "supernode.key"),
+            "data_path": str(request.federated_data_path),
+            "state_dir": str(request.supernode_state_dir),
+        }
     header = (
         f"# nanofleet agent settings for device {request.device_id}, written by "
         "`nanofleet device provision`.\n# NANOFLEET_* environment variables override any key "

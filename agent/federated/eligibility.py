@@ -11,6 +11,11 @@ the reason given):
    whole day);
 4. the store holds at least ``min_examples`` training examples.
 
+:func:`next_action` turns a verdict into what the SuperNode supervisor does: start the
+SuperNode only when the device is eligible; once it runs, stop it only when the device
+leaves its window or its data falls short. A request in flight or a short idle time does
+not end a round: the trainer pauses while the agent serves (the serving marker).
+
 Pure: the caller passes the clock reading (an aware datetime in the device's local zone)
 and the facts; nothing here reads a clock or a file.
 """
@@ -25,7 +30,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["EligibilityPolicy", "Ineligible", "TimeWindow", "Verdict", "check_eligibility"]
+__all__ = [
+    "Action",
+    "EligibilityPolicy",
+    "Ineligible",
+    "TimeWindow",
+    "Verdict",
+    "check_eligibility",
+    "next_action",
+]
 
 _MINUTES_PER_DAY = 24 * 60
 _HH_MM = re.compile(r"^(\d{2}):(\d{2})$")
@@ -168,3 +181,23 @@ def check_eligibility(
             f"{examples} training examples, {policy.min_examples} required",
         )
     return Verdict(None, "idle, inside the window, with enough examples")
+
+
+class Action(StrEnum):
+    """What the SuperNode supervisor does after a check."""
+
+    START = "start"
+    STOP = "stop"
+    KEEP = "keep"
+
+
+#: Reasons that end a running SuperNode; the others only hold back its start.
+_STOP_REASONS = frozenset({Ineligible.OUTSIDE_WINDOW, Ineligible.TOO_FEW_EXAMPLES})
+
+
+def next_action(verdict: Verdict, *, running: bool) -> Action:
+    """Start when eligible and stopped; stop when running and outside the window or short of
+    data; otherwise keep things as they are."""
+    if not running:
+        return Action.START if verdict.eligible else Action.KEEP
+    return Action.STOP if verdict.reason in _STOP_REASONS else Action.KEEP

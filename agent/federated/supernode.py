@@ -32,7 +32,7 @@ from typing import IO, Literal, Self
 
 from agent.errors import ConfigError
 
-__all__ = ["NodeKey", "SuperNode", "SuperNodeConfig", "ensure_node_key"]
+__all__ = ["NodeKey", "SuperNode", "SuperNodeConfig", "ensure_node_key", "new_node_key"]
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:+@-]{1,4096}$")
 
@@ -43,29 +43,35 @@ class NodeKey:
     public_key: Path  # OpenSSH format, what `flwr supernode register` takes
 
 
-def ensure_node_key(directory: Path, name: str = "supernode") -> NodeKey:
-    """The device's SuperNode key pair in ``directory``, created on first use (P-384)."""
+def new_node_key() -> tuple[bytes, bytes]:
+    """A fresh P-384 key pair: the private key (OpenSSH PEM, unencrypted) and its OpenSSH
+    public key line (what ``flwr supernode register`` takes)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    key = NodeKey(directory / f"{name}.key", directory / f"{name}.pub")
-    if key.private_key.exists() and key.public_key.exists():
-        return key
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     private = ec.generate_private_key(ec.SECP384R1())
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return pem, public + b"\n"
+
+
+def ensure_node_key(directory: Path, name: str = "supernode") -> NodeKey:
+    """The device's SuperNode key pair in ``directory``, created on first use (P-384)."""
+    key = NodeKey(directory / f"{name}.key", directory / f"{name}.pub")
+    if key.private_key.exists() and key.public_key.exists():
+        return key
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pem, public = new_node_key()
     fd = os.open(key.private_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    key.public_key.write_bytes(
-        private.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
+    key.public_key.write_bytes(public)
     return key
 
 
@@ -80,6 +86,8 @@ class SuperNodeConfig:
     serving_marker: Path | None = None
     isolation: Literal["subprocess", "process"] = "subprocess"
     clientappio_port: int | None = None  # loopback port of the ClientAppIo/runtime API
+    #: The secret shared with ``flower-superexec`` (``process`` isolation in systemd units).
+    superexec_secret_file: Path | None = None
 
     def node_config(self) -> str:
         """The ``--node-config`` string the ClientApp reads.
@@ -132,6 +140,8 @@ class SuperNode:
         ]
         if c.clientappio_port is not None:
             argv += ["--host", "127.0.0.1", "--port", str(c.clientappio_port)]
+        if c.superexec_secret_file is not None:
+            argv += ["--superexec-auth-secret-file", str(c.superexec_secret_file)]
         return argv
 
     def env(self) -> dict[str, str]:

@@ -112,3 +112,57 @@ def stats(config: _ConfigOption = None, store: _StoreOption = None) -> None:
 
 def _stats_line(path: Path, rows: int, train: int, heldout: int, size: int) -> str:
     return f"store {path}: {rows} texts ({train} train, {heldout} held out), {size:,} bytes"
+
+
+@data_app.command("evaluate")
+def evaluate_adapter(
+    adapter: Annotated[
+        Path, typer.Option("--adapter", help="An adapter.npz (from an adapter bundle).")
+    ],
+    config: Annotated[
+        Path,
+        typer.Option("--config", help="The agent's settings: its model and federated.data_path."),
+    ],
+    window: Annotated[int, typer.Option("--window", min=8, max=4096)] = 64,
+    max_rows: Annotated[int, typer.Option("--max-rows", min=16, max=1_000_000)] = 4000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Held-out perplexity of the local store's held-out texts, with the base model alone and
+    with ADAPTER: what a round's evaluate step reports, computed on this device."""
+    import json
+
+    import numpy as np
+
+    from agent.errors import LocalDataError, ModelError, TrainingInputError
+    from agent.federated.local import FeatureConfig, LocalModel, evaluate_round
+    from agent.federated.trainer import Adapter
+
+    path = _store_path(config, None)
+    from agent.config import load_settings
+
+    settings = load_settings(config)
+    try:
+        model = LocalModel(settings.model.dir)
+        loaded = model.engine.load_adapter(adapter)
+        _, positions, metrics = evaluate_round(
+            model,
+            path,
+            Adapter(a=np.asarray(loaded.lora_a), b=np.asarray(loaded.lora_b)),
+            FeatureConfig(window=window, max_rows=max_rows),
+        )
+    except ModelError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(ExitCode.MODEL_INVALID) from None
+    except (LocalDataError, TrainingInputError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    base, tuned = metrics["base_perplexity"], metrics["perplexity"]
+    if as_json:
+        typer.echo(
+            json.dumps({"base_perplexity": base, "perplexity": tuned, "positions": positions})
+        )
+        return
+    typer.echo(
+        f"held-out perplexity over {positions} positions: base {base:.3f}, "
+        f"with the adapter {tuned:.3f} ({(tuned / base - 1) * 100:+.1f} %)"
+    )

@@ -52,9 +52,9 @@ from agent.federated.features import Features, extract_features  # noqa: E402
 from agent.federated.lm_head import read_lm_head  # noqa: E402
 from agent.federated.trainer import Adapter, TrainConfig, evaluate, init_adapter, train  # noqa: E402
 from agent.runtime.engine import Engine  # noqa: E402
+from coordinator.demo.domain_data import device_slices, general_heldout  # noqa: E402
 from coordinator.federation.accountant import epsilon, noise_for_epsilon  # noqa: E402
 from protocol.bundle import MANIFEST_NAME, BundleManifest  # noqa: E402
-from tests.support.domain_data import device_slices, general_heldout  # noqa: E402
 
 DELTA = 1e-5
 Array = np.ndarray[Any, Any]

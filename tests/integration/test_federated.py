@@ -23,6 +23,7 @@ from agent.ota.client import RepositoryClient
 from agent.ota.fetcher import HttpFetcher
 from agent.runtime import SamplingParams
 from agent.runtime.engine import Engine
+from coordinator.demo.domain_data import device_slices
 from coordinator.federation.rounds import (
     RunResult,
     RunSpec,
@@ -32,7 +33,6 @@ from coordinator.federation.rounds import (
 )
 from coordinator.repository import KeyRing, Repository, env_passphrases
 from protocol.bundle import MANIFEST_NAME, BundleManifest, bundle_hash, canonical_json
-from tests.support.domain_data import device_slices
 from tests.support.federation import Fleet
 from tests.support.ota_fleet import RepoServer
 from tests.support.ota_models import build_ota_model

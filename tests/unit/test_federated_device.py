@@ -21,8 +21,8 @@ from agent.federated.local import (
 )
 from agent.federated.supernode import SuperNode, SuperNodeConfig, ensure_node_key
 from agent.federated.trainer import Adapter, Directive, TrainConfig, init_adapter
+from coordinator.demo.domain_data import device_slices
 from coordinator.models.reference import ReferenceModel
-from tests.support.domain_data import device_slices
 
 
 def test_the_lm_head_read_from_the_graph_is_the_dequantized_embedding(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.domain_data import (
+from coordinator.demo.domain_data import (
     Group,
     device_slices,
     domain_documents,

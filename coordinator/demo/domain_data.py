@@ -1,4 +1,4 @@
-"""Domain texts for federated tests, benchmarks and the demo: real prose nanofleet did not write.
+"""Domain texts for the demo, federated tests and benchmarks: real prose nanofleet did not write.
 
 Everything comes from files already on the machine, so it works offline and needs nothing
 new installed (versions are pinned in ``constraints.txt``, so the texts are stable):

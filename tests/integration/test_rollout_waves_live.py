@@ -1,0 +1,255 @@
+"""Staged rollouts on real agents: each wave's devices, and only they, install the release.
+
+Four real ``nanofleet-agent run`` daemons (tiny models) follow group ``store`` over mosquitto
+with mTLS and the production ACL. The coordinator (``Coordinator``: registry, ingestion,
+the rollout loop, its HTTP app serving the TUF repository) holds the online keys, so every
+started wave signs its devices' own pointers and announces on their own topics. Devices
+also poll the repository every second, so a device outside a started wave would find the
+release on its own if the rollout leaked it.
+
+- A release that fails the health gate, waves ``1`` then the rest: the first device rolls
+  back, the rollout halts on its failure rate, and the other three never fetch it although
+  they keep polling; they still run the group's release.
+- A healthy release, waves ``1`` then the rest: the first device installs it before any
+  other does, then the rest follow, and the rollout completes.
+
+Nothing sleeps except the polling devices' grace period after the halt; every other wait is
+a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator import pki
+from coordinator.rollout.policy import order_targets
+from coordinator.serve import Coordinator
+from coordinator.settings import CoordinatorSettings, MqttSettings
+from protocol.bundle import MANIFEST_NAME, BundleManifest
+from tests.support.coordinator_http import http_server
+from tests.support.mosquitto import TlsBroker, tls_broker
+from tests.support.ota_fleet import PASSPHRASE, MqttIdentity, ReleaseRepo, agent_config
+from tests.support.ota_models import build_ota_model
+from tests.support.processes import ManagedProcess, notified
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+
+GROUP, CHANNEL = "store", "stable"
+DEVICES = [f"kiosk-{i}" for i in range(1, 5)]
+TOKEN = "waves-live-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DEADLINE_S = 120.0
+#: How long devices outside the wave keep polling (every second) after a halt.
+GRACE_S = 4.0
+
+
+def wait_for(what: str, check: Callable[[], Any], context: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{context()}")
+
+
+def manifest_of(bundle_dir: Path) -> BundleManifest:
+    return BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_bytes())
+
+
+@pytest.fixture
+def broker() -> Iterator[TlsBroker]:
+    with tls_broker({d: (GROUP,) for d in DEVICES}) as b:
+        yield b
+
+
+class Scene:
+    """The coordinator, its HTTP address, the release repository and the agents."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        url: str,
+        repo: ReleaseRepo,
+        agents: dict[str, ManagedProcess],
+    ) -> None:
+        self.coordinator = coordinator
+        self.url = url
+        self.repo = repo
+        self.agents = agents
+        self.http = httpx.Client(base_url=url, headers=AUTH, timeout=30)
+        self.factory = ""
+
+    def add(self, bundle_dir: Path) -> BundleManifest:
+        """Sign the bundle into the repository (no pointer moves) and register the release."""
+        self.repo.cli(
+            "release", "add-bundle", str(bundle_dir),
+            "--repo", str(self.repo.path), "--keys", str(self.repo.keys),
+        )  # fmt: skip
+        manifest = manifest_of(bundle_dir)
+        self.coordinator.registry.create_release(manifest, actor="test")
+        return manifest
+
+    def versions(self) -> dict[str, str | None]:
+        out = {}
+        for device in DEVICES:
+            base = self.coordinator.registry.get_device(device).base
+            out[device] = base.version if base else None
+        return out
+
+    def rollout(self, manifest: BundleManifest) -> int:
+        created = self.http.post(
+            "/api/v1/rollouts",
+            json={
+                "release": f"{manifest.name}:{manifest.version}",
+                "groups": [GROUP],
+                "waves": ["1", "100%"],
+                "max_failure_rate": 0.1,
+                "soak_s": 1,
+            },
+        )
+        assert created.status_code == 201, created.text
+        return int(created.json()["id"])
+
+    def state(self, rollout_id: int) -> dict[str, Any]:
+        data: dict[str, Any] = self.http.get(f"/api/v1/rollouts/{rollout_id}").json()
+        return data
+
+    def context(self) -> str:
+        logs = "\n".join(f"--- {d}\n{a.log_tail(15)}" for d, a in self.agents.items())
+        return f"versions: {self.versions()}\n{logs}"
+
+
+@pytest.fixture
+def scene(broker: TlsBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Scene]:
+    repo = ReleaseRepo(tmp_path)
+    factory = build_ota_model(tmp_path / "factory", seed=1)
+    monkeypatch.setenv("NANOFLEET_KEY_PASSPHRASE", PASSPHRASE)  # the online keys' passphrase
+    ident = broker.identities[pki.COORDINATOR_IDENTITY]
+    settings = CoordinatorSettings(
+        database_url=f"sqlite:///{tmp_path / 'registry.sqlite3'}",
+        api_token=TOKEN,
+        repository_path=repo.path,
+        keys=repo.keys,
+        channel=CHANNEL,
+        rollout_interval_s=0.2,
+        heartbeat_interval_s=1.0,
+        mqtt=MqttSettings(
+            host=broker.host,
+            port=broker.port,
+            ca_file=broker.ca_file,
+            cert_file=ident.cert_file,
+            key_file=ident.key_file,
+        ),
+    )
+    coordinator = Coordinator(settings)
+    for device in DEVICES:
+        coordinator.registry.register_device(device, groups=[GROUP], actor="test")
+    agents: dict[str, ManagedProcess] = {}
+    with contextlib.ExitStack() as stack, http_server(coordinator.app) as url:
+        coordinator.start()
+        try:
+            # Every device starts on the group's release 1.0.0 (factory model, then OTA).
+            repo.publish(factory, GROUP, CHANNEL)
+            exe = Path(sys.executable).with_name("nanofleet-agent")
+            for device in DEVICES:
+                ident = broker.identities[device]
+                config = agent_config(
+                    tmp_path / f"{device}.toml",
+                    model_dir=factory,
+                    socket_path=Path(f"/tmp/nf-waves-{tmp_path.name[-8:]}-{device}.sock"),
+                    state_dir=tmp_path / device,
+                    root_file=repo.root_file,
+                    repository_url=f"{url}/repo",
+                    group=GROUP,
+                    poll_interval_s=1.0,
+                    mqtt=MqttIdentity(
+                        broker.host, broker.port, device, GROUP,
+                        broker.ca_file, ident.cert_file, ident.key_file,
+                    ),
+                )  # fmt: skip
+                agent = ManagedProcess(
+                    [str(exe), "run", "--config", str(config)],
+                    notify=True,
+                    name=device,
+                    log_path=tmp_path / f"{device}.log",
+                )
+                agents[device] = agent
+                agent.start()
+            for agent in agents.values():
+                agent.wait_ready(notified("READY=1"), timeout=60)
+            s = Scene(coordinator, url, repo, agents)
+            stack.callback(s.http.close)
+            s.factory = manifest_of(factory).version
+            wait_for(
+                "every device on the group's release",
+                lambda: set(s.versions().values()) == {s.factory},
+                s.context,
+            )
+            yield s
+        finally:
+            for agent in agents.values():
+                agent.stop()
+                agent.close()
+            coordinator.stop()
+
+
+def test_waves_reach_only_their_devices_and_a_failing_wave_halts(
+    scene: Scene, tmp_path: Path
+) -> None:
+    # -- A release that fails the health gate: the first wave fails, the rollout halts.
+    bad = scene.add(build_ota_model(tmp_path / "bad", seed=3, layers=96))
+    first = scene.rollout(bad)
+    (canary,) = order_targets(first, DEVICES)[:1]
+    halted = wait_for(
+        "the rollout to halt",
+        lambda: (r := scene.state(first))["state"] == "halted" and r,
+        scene.context,
+    )
+    assert [w["state"] for w in halted["waves"]] == ["failed", "cancelled"]
+    assert "failure" in halted["halt_reason"], halted
+    time.sleep(GRACE_S)  # the other devices poll the repository a few times meanwhile
+    assert scene.versions() == dict.fromkeys(DEVICES, scene.factory), scene.context()
+    updates = scene.http.get(f"/api/v1/rollouts/{first}/updates").json()["updates"]
+    assert {u["device_id"] for u in updates} == {canary}
+    for device in set(DEVICES) - {canary}:
+        history = scene.http.get(f"/api/v1/devices/{device}").json()["updates"]
+        assert history == [], (device, history)
+        assert bad.version not in scene.agents[device].log_tail(400), device
+
+    # -- A healthy release: the first wave's device installs it first, then the rest.
+    good = scene.add(build_ota_model(tmp_path / "good", seed=4))
+    second = scene.rollout(good)
+    leader = order_targets(second, DEVICES)[0]
+    wait_for(
+        "the first wave's device on the new release",
+        lambda: scene.versions()[leader] == good.version,
+        scene.context,
+    )
+    completed = wait_for(
+        "the rollout to complete",
+        lambda: (r := scene.state(second))["state"] == "completed" and r,
+        scene.context,
+    )
+    assert [w["state"] for w in completed["waves"]] == ["passed", "passed"]
+    wait_for(
+        "every device on the new release",
+        lambda: set(scene.versions().values()) == {good.version},
+        scene.context,
+    )
+    pointers = {p.device_id: p.base.version for p in _repository(scene).device_pointers()}
+    assert pointers == dict.fromkeys(DEVICES, good.version)
+
+
+def _repository(scene: Scene) -> Any:
+    from coordinator.repository import Repository
+
+    return Repository(scene.repo.path)

@@ -12,6 +12,7 @@ from coordinator.device_cli import device_app
 from coordinator.fleet_cli import devices_app, rollouts_app
 from coordinator.models.cli import model_app
 from coordinator.repository.cli import keys_app, release_app
+from coordinator.round_cli import round_app
 from coordinator.schema_cmd import schema
 
 app = typer.Typer(
@@ -92,6 +93,7 @@ app.add_typer(release_app, name="release")
 app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(device_app, name="device")
+app.add_typer(round_app, name="round")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "CONFIG_FILE_MAX_BYTES",
     "ENV_PREFIX",
     "CoordinatorSettings",
+    "FederationSettings",
     "MqttSettings",
     "load_settings",
 ]
@@ -67,6 +68,38 @@ class MqttSettings(BaseModel):
         return self
 
 
+class FederationSettings(BaseModel):
+    """The SuperLink that ``nanofleet round start`` submits runs to, through the ``flwr`` CLI.
+
+    The SuperLink runs beside the coordinator (Flower 1.42 serves its Control API, which has
+    no login, on the Fleet API's port), so its address must be a loopback one; devices reach
+    the Fleet API through a proxy that forwards only its routes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    superlink: str = "127.0.0.1:9093"
+    """``HOST:PORT`` of the SuperLink (loopback)."""
+    ca_file: Path
+    """The CA that signed the SuperLink's TLS certificate (the fleet CA)."""
+    work_dir: Path = Path("federation")
+    """Each round's Flower app, output and adapter bundle go to ``<work_dir>/<round id>``."""
+    run_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86400)  # seconds per run
+    poll_s: float = Field(default=1.0, gt=0, le=60)  # seconds between reads of the figures
+
+    @model_validator(mode="after")
+    def _loopback(self) -> Self:
+        host, sep, port = self.superlink.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"superlink {self.superlink!r} is not HOST:PORT")
+        if not _is_loopback(host.strip("[]")):
+            raise ValueError(
+                f"superlink host {host!r} is not a loopback address: the SuperLink's Control "
+                "API has no login and must stay on the coordinator's host"
+            )
+        return self
+
+
 class CoordinatorSettings(BaseSettings):
     """Everything `nanofleet serve` is told by its operator."""
 
@@ -99,6 +132,8 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=30.0, gt=0, le=86400)  # devices' interval
     missed_heartbeats: int = Field(default=3, ge=1, le=1000)  # before a device is offline
     mqtt: MqttSettings | None = None
+    federation: FederationSettings | None = None
+    """The SuperLink federated rounds run on; None: no rounds from this coordinator."""
 
     @model_validator(mode="after")
     def _one_token(self) -> Self:

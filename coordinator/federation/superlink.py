@@ -245,6 +245,7 @@ class FlowerCli:
 
     def __init__(self, flwr_home: Path, control_address: str, ca_certfile: Path) -> None:
         self.flwr_home = flwr_home
+        self.control_address = control_address
         flwr_home.mkdir(parents=True, exist_ok=True)
         (flwr_home / "config.toml").write_text(
             f"[superlink]\ndefault = {_toml_value(self.CONNECTION)}\n\n"
@@ -277,6 +278,10 @@ class FlowerCli:
                 f"{(done.stdout + done.stderr)[-3000:]}"
             )
         return done.stdout + done.stderr
+
+    def reachable(self) -> bool:
+        """Whether the SuperLink accepts TCP connections at its Control API's address."""
+        return _tcp_open(self.control_address)
 
     def register_node(self, public_key: Path, timeout_s: float = 30.0) -> str:
         """Register a SuperNode's public key (OpenSSH, NIST EC) with the federation."""

@@ -28,6 +28,7 @@ from protocol.inference import (
 )
 from protocol.messages import (
     DeviceStatus,
+    EvaluationReport,
     Health,
     Heartbeat,
     ReleaseAnnouncement,
@@ -46,6 +47,7 @@ MESSAGE_MODELS: Final[dict[str, type[BaseModel]]] = {
         DeviceStatus,
         Heartbeat,
         UpdateProgress,
+        EvaluationReport,
         RoundManifest,
         RoundInvitation,
         ChatCompletionRequest,
@@ -72,6 +74,7 @@ __all__ = [
     "CompletionResponse",
     "DeviceStatus",
     "ErrorBody",
+    "EvaluationReport",
     "Health",
     "Heartbeat",
     "ModelList",

@@ -224,3 +224,32 @@ class UpdateProgress(Message):
         if self.state in _NEED_TARGET and self.target is None:
             raise ValueError(f"state {self.state.value} needs a target")
         return self
+
+
+#: Largest metric value an evaluation report may carry (a perplexity past this is broken).
+MAX_METRIC: Final = 1e9
+
+
+class EvaluationReport(Message):
+    """A device's held-out metric for a bundle it installed; lower is better.
+
+    The device measures its local held-out data (text that never leaves it) with its
+    previous model (``baseline``) and with ``bundle`` (``candidate``), e.g. perplexity
+    with and without a new adapter. Only the two numbers and the token count are sent.
+    The coordinator's rollout policy halts an adapter rollout whose wave regresses.
+    """
+
+    bundle: BundleRef
+    """The bundle the candidate ran (an adapter, or a base)."""
+    metric: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")] = (
+        "heldout_perplexity"
+    )
+    baseline: float = Field(gt=0, le=MAX_METRIC, allow_inf_nan=False)
+    candidate: float = Field(gt=0, le=MAX_METRIC, allow_inf_nan=False)
+    tokens: int = Field(ge=1, le=_MAX_SAFE_INT)
+    """How many held-out tokens were scored."""
+    at: Timestamp
+
+
+#: What a device publishes under its own topics (see :class:`protocol.topics.DeviceChannel`).
+DeviceMessage = DeviceStatus | Heartbeat | UpdateProgress | EvaluationReport

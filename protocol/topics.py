@@ -5,6 +5,7 @@ Layout (``{...}`` are single topic levels)::
     nanofleet/v1/devices/{device_id}/status       DeviceStatus, retained; also the Last Will
     nanofleet/v1/devices/{device_id}/heartbeat    Heartbeat, not retained
     nanofleet/v1/devices/{device_id}/progress     UpdateProgress, not retained
+    nanofleet/v1/devices/{device_id}/evaluation   EvaluationReport, not retained
     nanofleet/v1/groups/{group}/releases/{channel}  ReleaseAnnouncement, retained
     nanofleet/v1/groups/{group}/rounds            RoundInvitation, retained
     nanofleet/v1/devices/{device_id}/releases     ReleaseAnnouncement to one device (a
@@ -45,6 +46,7 @@ class DeviceChannel(StrEnum):
     STATUS = "status"
     HEARTBEAT = "heartbeat"
     PROGRESS = "progress"
+    EVALUATION = "evaluation"
 
 
 def check_segment(value: str, what: str) -> str:

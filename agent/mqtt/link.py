@@ -56,7 +56,7 @@ from agent.mqtt._inbound import BoundedQueue, LinkEvent, Rejected, decode_messag
 from agent.mqtt._policy import Backoff, Schedule, Task
 from agent.mqtt._status import StatusProvider, build_heartbeat, build_status, offline_copy
 from protocol import topics
-from protocol.messages import DeviceStatus, UpdateProgress
+from protocol.messages import DeviceStatus, EvaluationReport, UpdateProgress
 
 log = logging.getLogger("nanofleet.agent.mqtt")
 
@@ -160,6 +160,9 @@ class DeviceLink:
         self.status_topic = topics.device_status(settings.device_id)
         self.heartbeat_topic = topics.device_heartbeat(settings.device_id)
         self.progress_topic = topics.update_progress(settings.device_id)
+        self.evaluation_topic = topics.device_topic(
+            settings.device_id, topics.DeviceChannel.EVALUATION
+        )
         #: Announcements and invitations for the daemon (never handled in paho's thread).
         self.events: BoundedQueue[LinkEvent] = BoundedQueue(settings.event_queue_length_max)
         # Jitter, not secrets: a per-device source so that devices draw different waits.
@@ -171,7 +174,7 @@ class DeviceLink:
         )
         self._cond = threading.Condition()
         self._schedule = Schedule(settings.heartbeat_interval_s)
-        self._outbox: deque[UpdateProgress] = deque()
+        self._outbox: deque[UpdateProgress | EvaluationReport] = deque()
         self._last_status: DeviceStatus | None = None
         self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._work, name="nanofleet-mqtt", daemon=True)
@@ -309,6 +312,16 @@ class DeviceLink:
             self._schedule.on_held()
             self._cond.notify_all()
 
+    def publish_evaluation(self, report: EvaluationReport) -> None:
+        """Queue a held-out evaluation of an installed bundle (same outbox as progress)."""
+        with self._cond:
+            if len(self._outbox) >= self.settings.outbox_length_max:
+                self._outbox.popleft()
+                self._counts["progress_dropped"] += 1
+            self._outbox.append(report)
+            self._schedule.on_held()
+            self._cond.notify_all()
+
     def status_changed(self) -> None:
         """The device's state changed: publish a fresh retained status soon."""
         with self._cond:
@@ -358,9 +371,14 @@ class DeviceLink:
             with self._cond:
                 if not self._outbox or not self._schedule.connected:
                     return
-                progress = self._outbox.popleft()
+                message = self._outbox.popleft()
                 self._counts["progress_sent"] += 1
-            self._client.publish(self.progress_topic, progress.model_dump_json().encode(), qos=_QOS)
+            topic = (
+                self.evaluation_topic
+                if isinstance(message, EvaluationReport)
+                else self.progress_topic
+            )
+            self._client.publish(topic, message.model_dump_json().encode(), qos=_QOS)
 
     # -- paho callbacks (paho's network thread: decode, count, hand on) ---------------
 

@@ -48,7 +48,9 @@ from coordinator.registry.liveness import LinkState
 from coordinator.registry.views import Ingest
 from protocol import topics
 from protocol.messages import (
+    DeviceMessage,
     DeviceStatus,
+    EvaluationReport,
     Heartbeat,
     PayloadTooLargeError,
     UpdateProgress,
@@ -85,9 +87,7 @@ class Malformed(ValueError):
         self.reason = reason
 
 
-def decode_device_message(
-    topic: str, payload: bytes
-) -> tuple[str, DeviceStatus | Heartbeat | UpdateProgress]:
+def decode_device_message(topic: str, payload: bytes) -> tuple[str, DeviceMessage]:
     """Return (device id, parsed message) for a message on a device topic.
 
     Raises:
@@ -98,7 +98,7 @@ def decode_device_message(
         parsed = topics.parse_device_topic(topic)
     except topics.TopicError as e:
         raise Malformed("topic", str(e)) from e
-    message: DeviceStatus | Heartbeat | UpdateProgress
+    message: DeviceMessage
     try:
         match parsed.channel:
             case topics.DeviceChannel.STATUS:
@@ -107,6 +107,8 @@ def decode_device_message(
                 message = decode_payload(Heartbeat, payload)
             case topics.DeviceChannel.PROGRESS:
                 message = decode_payload(UpdateProgress, payload)
+            case topics.DeviceChannel.EVALUATION:
+                message = decode_payload(EvaluationReport, payload)
     except PayloadTooLargeError as e:
         raise Malformed("too_large", str(e)) from e
     except ValidationError as e:
@@ -172,7 +174,7 @@ class _Barrier:
     received_at: datetime
 
 
-_Item = tuple[str, DeviceStatus | Heartbeat | UpdateProgress, datetime] | _Barrier
+_Item = tuple[str, DeviceMessage, datetime] | _Barrier
 
 
 class Ingestor:

@@ -97,7 +97,14 @@ from coordinator.rollout.policy import (
 )
 from coordinator.rollout.policy import command as apply_command
 from protocol.bundle import BundleKind, BundleManifest, bundle_hash
-from protocol.messages import DeviceStatus, Health, UpdateProgress, UpdateState
+from protocol.messages import (
+    DeviceMessage,
+    DeviceStatus,
+    EvaluationReport,
+    Health,
+    UpdateProgress,
+    UpdateState,
+)
 from protocol.messages import Heartbeat as HeartbeatMessage
 from protocol.rounds import RoundManifest
 from protocol.topics import TopicError, check_segment
@@ -117,7 +124,7 @@ _ROWS_PER_STATEMENT: Final = 500  # rows per multi-row INSERT (SQLite's bound-va
 POLICY_ACTOR: Final = "policy"
 _T = TypeVar("_T")
 
-Incoming = tuple[str, DeviceStatus | HeartbeatMessage | UpdateProgress, datetime]
+Incoming = tuple[str, DeviceMessage, datetime]
 """One device message: (device id from the topic, parsed payload, coordinator receive time)."""
 
 
@@ -316,6 +323,10 @@ class Registry:
                     beats.append((index, device_id, message, received_at))
                 elif isinstance(message, DeviceStatus):
                     results[index] = self._status(s, device_id, message, received_at)
+                elif isinstance(message, EvaluationReport):
+                    results[index] = self._evaluation(
+                        s, device_id, message.bundle.sha256, message.baseline, message.candidate
+                    )
                 else:
                     results[index] = self._progress(s, device_id, message, received_at)
             if beats:
@@ -479,23 +490,29 @@ class Registry:
         with self._write() as s:
             if s.get(Device, device_id) is None:
                 return Ingest.UNKNOWN_DEVICE
-            record_id = s.scalar(
-                select(UpdateRecord.id)
-                .join(Rollout, Rollout.id == UpdateRecord.rollout_id)
-                .join(Release, Release.id == Rollout.release_id)
-                .where(UpdateRecord.device_id == device_id, Release.bundle_sha256 == bundle_sha256)
-                .order_by(UpdateRecord.id.desc())
-                .limit(1)
-            )
-            if record_id is None:
-                return Ingest.UNMATCHED
-            s.execute(
-                update(UpdateRecord)
-                .where(UpdateRecord.id == record_id)
-                .values(baseline=baseline, candidate=candidate)
-                .execution_options(synchronize_session=False)
-            )
-            return Ingest.APPLIED
+            return self._evaluation(s, device_id, bundle_sha256, baseline, candidate)
+
+    def _evaluation(
+        self, s: Session, device_id: str, bundle_sha256: str, baseline: float, candidate: float
+    ) -> Ingest:
+        """Attach the metric to the device's latest update record for that bundle."""
+        record_id = s.scalar(
+            select(UpdateRecord.id)
+            .join(Rollout, Rollout.id == UpdateRecord.rollout_id)
+            .join(Release, Release.id == Rollout.release_id)
+            .where(UpdateRecord.device_id == device_id, Release.bundle_sha256 == bundle_sha256)
+            .order_by(UpdateRecord.id.desc())
+            .limit(1)
+        )
+        if record_id is None:
+            return Ingest.UNMATCHED
+        s.execute(
+            update(UpdateRecord)
+            .where(UpdateRecord.id == record_id)
+            .values(baseline=baseline, candidate=candidate)
+            .execution_options(synchronize_session=False)
+        )
+        return Ingest.APPLIED
 
     def sweep_liveness(self, link: LinkState, rule: LivenessRule) -> list[Transition]:
         """Re-judge every device's online state (see :mod:`.liveness`); return the changes."""

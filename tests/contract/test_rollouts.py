@@ -31,7 +31,7 @@ from coordinator.rollout.policy import (
     order_targets,
 )
 from protocol.bundle import BundleKind, bundle_hash
-from protocol.messages import BundleRef, UpdateState
+from protocol.messages import BundleRef, EvaluationReport, UpdateState
 from tests.contract._fleet import progress, register, report_all, run_to_completion
 from tests.support.db_fixtures import ManualClock, make_manifest
 
@@ -168,6 +168,15 @@ def test_steps_progress_and_a_halt(registry: Registry, clock: ManualClock, relea
     assert registry.record_evaluation("ghost", "0" * 64, baseline=1.0, candidate=1.0) is (
         Ingest.UNKNOWN_DEVICE
     )
+    # The same over MQTT: a device's EvaluationReport goes through ingest.
+    report = EvaluationReport(bundle=ours, baseline=10.0, candidate=9.0, tokens=512, at=t)
+    assert registry.ingest(
+        [(d1, report, t), (d1, report.model_copy(update={"bundle": theirs}), t)]
+    ) == [Ingest.APPLIED, Ingest.UNMATCHED]
+    evaluated = {
+        u.device_id: (u.baseline, u.candidate) for u in registry.rollout_updates(rollout.id)
+    }
+    assert evaluated == {d0: (10.0, 9.5), d1: (10.0, 9.0)}
     clock.advance(61)
     passed, _ = registry.step(rollout.id, decide)
     assert isinstance(passed, PassWave)

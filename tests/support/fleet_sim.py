@@ -3,8 +3,9 @@ protocol (status, heartbeats, progress on its own topics; release hints on its o
 ``releases`` topic). A device installs only what it was told about: on an announcement it
 reports ``downloading``, then ``committed`` or, if it is in ``failing``, ``failed``.
 
-``evaluate`` (optional) is called for an adapter before ``committed`` is reported, the
-way the federated evaluation reports a device's held-out metric to the coordinator.
+``evaluate`` (optional) gives a device's held-out metric (baseline, candidate) for the
+release; the device publishes it as an :class:`~protocol.messages.EvaluationReport` on its
+``evaluation`` topic before it reports ``committed``, as a real agent does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from protocol import topics
 from protocol.messages import (
     BundleRef,
     DeviceStatus,
+    EvaluationReport,
     Health,
     Heartbeat,
     ReleaseAnnouncement,
@@ -39,7 +41,7 @@ class FleetScript:
 
     release: BundleRef | None = None
     failing: set[str] = field(default_factory=set)
-    evaluate: Callable[[str, BundleRef], None] | None = None
+    evaluate: Callable[[str, BundleRef], tuple[float, float]] | None = None
 
 
 class SimDevice:
@@ -80,7 +82,12 @@ class SimDevice:
             self._progress(UpdateState.FAILED, target, "health_check_failed")
             return
         if self.script.evaluate is not None:
-            self.script.evaluate(self.device_id, target)
+            baseline, candidate = self.script.evaluate(self.device_id, target)
+            report = EvaluationReport(
+                bundle=target, baseline=baseline, candidate=candidate, tokens=1000, at=self._tick()
+            )
+            topic = topics.device_topic(self.device_id, topics.DeviceChannel.EVALUATION)
+            self.publish(topic, report.model_dump_json().encode())
         self._progress(UpdateState.COMMITTED, target)
 
     def _progress(

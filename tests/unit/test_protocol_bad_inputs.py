@@ -256,6 +256,30 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
         "device_id",
     ),
     (
+        "evaluation-baseline-zero",
+        "EvaluationReport",
+        mutate(golden("EvaluationReport"), "baseline", 0.0),
+        "baseline",
+    ),
+    (
+        "evaluation-candidate-over-limit",
+        "EvaluationReport",
+        mutate(golden("EvaluationReport"), "candidate", 2e9),
+        "candidate",
+    ),
+    (
+        "evaluation-no-tokens",
+        "EvaluationReport",
+        mutate(golden("EvaluationReport"), "tokens", 0),
+        "tokens",
+    ),
+    (
+        "evaluation-metric-uppercase",
+        "EvaluationReport",
+        mutate(golden("EvaluationReport"), "metric", "Perplexity"),
+        "metric",
+    ),
+    (
         "progress-done-over-total",
         "UpdateProgress",
         mutate(golden("UpdateProgress"), "bytes_done", 117_533_879),

@@ -27,6 +27,7 @@ def test_coordinator_filters_cover_every_device_channel() -> None:
         "nanofleet/v1/devices/+/status",
         "nanofleet/v1/devices/+/heartbeat",
         "nanofleet/v1/devices/+/progress",
+        "nanofleet/v1/devices/+/evaluation",
     )
 
 

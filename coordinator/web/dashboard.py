@@ -62,9 +62,15 @@ th{background:#eef1f5}
 """
 
 
-def _page(title: str, body: str) -> HTMLResponse:
+#: Every page reloads itself this often, so a rollout or a round can be watched.
+REFRESH_S = 10
+
+
+def _page(title: str, body: str, *, refresh: bool = True) -> HTMLResponse:
+    reload = f"<meta http-equiv='refresh' content='{REFRESH_S}'>" if refresh else ""
     html = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"{reload}"
         f"<title>{escape(title)} · nanofleet</title><style>{_CSS}</style></head><body>"
         f"<header><a href='{UI_PREFIX}/'>Fleet</a><a href='{UI_PREFIX}/rollouts'>Rollouts</a>"
         f"<a href='{UI_PREFIX}/rounds'>Rounds</a></header><main><h1>{escape(title)}</h1>"
@@ -214,6 +220,7 @@ def dashboard_router(registry: Registry, token: str) -> APIRouter:
             "<label>Operator token <input type='password' name='token' id='token' "
             "autocomplete='current-password'></label> <button type='submit'>Sign in</button>"
             "</form>",
+            refresh=False,
         )
 
     @router.post("/login")

@@ -29,6 +29,7 @@ from coordinator.registry import (
     open_registry,
 )
 from coordinator.rollout.policy import WaveSize, WaveSpec, decide
+from coordinator.web.dashboard import REFRESH_S
 from protocol.bundle import bundle_hash
 from protocol.messages import (
     BundleRef,
@@ -180,12 +181,16 @@ def test_dashboard_in_headless_chromium(served: Served) -> None:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
             page.goto(f"{base_url}/ui/")
             assert page.url.endswith("/ui/login"), page.url
+            assert page.locator("meta[http-equiv=refresh]").count() == 0  # keeps typed input
             page.fill("#token", "wrong-token")
             page.click("button[type=submit]")
             assert "That token is not right" in page.content()
             page.fill("#token", TOKEN)
             page.click("button[type=submit]")
             page.wait_for_selector("#devices")
+            # Pages reload themselves, so a rollout or a round can be watched.
+            refresh = page.locator("meta[http-equiv=refresh]").get_attribute("content")
+            assert refresh == str(REFRESH_S)
 
             # The fleet: every device with its judged state.
             rows = page.locator("#devices tbody tr")

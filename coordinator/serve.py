@@ -37,6 +37,8 @@ from coordinator.errors import ConfigError
 from coordinator.mqtt import BrokerOptions, IngestOptions, Ingestor, TlsFiles
 from coordinator.registry import LinkState, LivenessRule, Registry, open_registry
 from coordinator.registry.api import utc_now
+from coordinator.registry.errors import ConflictError
+from coordinator.registry.views import ReleaseView
 from coordinator.repository import KeyRing, Repository, env_passphrases
 from coordinator.rollout.policy import RolloutState
 from coordinator.rollout.publisher import (
@@ -50,6 +52,7 @@ from coordinator.settings import CoordinatorSettings, MqttSettings, load_setting
 from coordinator.web.api import API_PREFIX, api_router
 from coordinator.web.app import Health, WebContext, create_app
 from coordinator.web.dashboard import dashboard_router
+from protocol.bundle import bundle_hash
 from protocol.exitcodes import ExitCode
 
 __all__ = ["Coordinator", "serve_command"]
@@ -132,6 +135,29 @@ def _wave_publisher(settings: CoordinatorSettings, ingestor: Ingestor | None) ->
     return PointerPublisher(repository, announce, channel=settings.channel)
 
 
+def _release_check(settings: CoordinatorSettings) -> Callable[[ReleaseView], None] | None:
+    """With ``keys``, a rollout's release must be signed into the served repository (its
+    waves point devices at it there); without, devices follow group pointers only."""
+    if settings.keys is None:
+        return None
+    repository = Repository(settings.repository_path)
+
+    def check(release: ReleaseView) -> None:
+        published = repository.find(release.name, release.version)
+        if published is None:
+            raise ConflictError(
+                f"release {release.name} {release.version} is not in the repository "
+                f"{settings.repository_path}; sign it with `nanofleet release add-bundle`"
+            )
+        if bundle_hash(published.manifest) != release.bundle_sha256:
+            raise ConflictError(
+                f"release {release.name} {release.version} in the repository is not the "
+                "registered bundle (their bundle hashes differ)"
+            )
+
+    return check
+
+
 class Coordinator:
     """Everything `nanofleet serve` runs, built from settings; :meth:`start` the loops."""
 
@@ -169,7 +195,10 @@ class Coordinator:
                 repository_path=settings.repository_path,
                 metrics=self.metrics,
                 health=self.health,
-                routers=(api_router(self.registry, token), dashboard_router(self.registry, token)),
+                routers=(
+                    api_router(self.registry, token, release_check=_release_check(settings)),
+                    dashboard_router(self.registry, token),
+                ),
                 openapi_url=f"{API_PREFIX}/openapi.json",
             )
         )

@@ -26,6 +26,7 @@ from coordinator.registry import (
     NotFoundError,
     Online,
     Registry,
+    ReleaseView,
     RolloutSpec,
     Selector,
     SelectorError,
@@ -188,8 +189,18 @@ def _release_id(registry: Registry, release: str) -> int:
     return found.id
 
 
-def api_router(registry: Registry, token: str) -> APIRouter:
-    """The ``/api/v1`` routes over ``registry``, guarded by ``token``."""
+def api_router(
+    registry: Registry,
+    token: str,
+    *,
+    release_check: Callable[[ReleaseView], None] | None = None,
+) -> APIRouter:
+    """The ``/api/v1`` routes over ``registry``, guarded by ``token``.
+
+    ``release_check`` is asked before a rollout is created and raises
+    :class:`ConflictError` when devices could not install the release (e.g. it is not
+    signed into the repository the rollout's pointers name).
+    """
     # HTTPBearer (not enforcing) only declares the scheme in the OpenAPI document.
     declared = HTTPBearer(auto_error=False, description="The operator token.")
     router = APIRouter(
@@ -245,8 +256,12 @@ def api_router(registry: Registry, token: str) -> APIRouter:
             raise _error(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, _field_of(str(e), "selector"), str(e)
             ) from e
+        release_id = _release_id(registry, body.release)
+        if release_check is not None:
+            release = _call(lambda: registry.get_release(release_id), "release")
+            _call(lambda: release_check(release), "release")
         spec = RolloutSpec(
-            release_id=_release_id(registry, body.release),
+            release_id=release_id,
             selector=selector,
             waves=parse_waves(body.waves, body.soak_s),
             thresholds=_thresholds(

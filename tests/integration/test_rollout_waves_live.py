@@ -205,6 +205,17 @@ def scene(broker: TlsBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_waves_reach_only_their_devices_and_a_failing_wave_halts(
     scene: Scene, tmp_path: Path
 ) -> None:
+    # -- A release registered but never signed into the repository cannot be rolled out.
+    unsigned = manifest_of(build_ota_model(tmp_path / "unsigned", seed=5))
+    scene.coordinator.registry.create_release(unsigned, actor="test")
+    refused = scene.http.post(
+        "/api/v1/rollouts",
+        json={"release": f"{unsigned.name}:{unsigned.version}", "groups": [GROUP]},
+    )
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["detail"]["field"] == "release", refused.text
+    assert "not in the repository" in refused.text
+
     # -- A release that fails the health gate: the first wave fails, the rollout halts.
     bad = scene.add(build_ota_model(tmp_path / "bad", seed=3, layers=96))
     first = scene.rollout(bad)

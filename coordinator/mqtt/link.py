@@ -17,6 +17,9 @@ Invariants:
 - Liveness of the link itself: every ``probe_interval_s`` the link publishes a probe on
   its own identity's heartbeat topic (:func:`probe_topic`) and hears it back through the
   broker, so "connected and hearing" is a fact about the round trip, not a socket flag.
+- Only the network thread reads or writes the socket: :meth:`MqttLink.publish` from any
+  other thread queues the packet and wakes the loop (a TLS connection cannot take a write
+  from one thread while another reads).
 - :meth:`MqttLink.publish` waits for the broker's PUBACK and raises
   :class:`~coordinator.errors.RefusedError` on a refusal (MQTT 5 reason codes, e.g. 0x87
   not authorized) and :class:`~coordinator.errors.TransientError` when the link is down or
@@ -171,6 +174,10 @@ def is_service_topic(topic: str) -> bool:
     return topic.startswith(f"{topics.PREFIX}/devices/{SERVICE_PREFIX}")
 
 
+def _queued_write(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho's write (un)registration: nothing to do, the network loop selects for writes."""
+
+
 def reconnect_delay(attempt: int, rng: random.Random, *, min_s: float, max_s: float) -> float:
     """Seconds to wait before reconnect ``attempt`` (0-based): exponential, capped, jittered.
 
@@ -248,6 +255,12 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        # Only the network thread touches the socket. Without a write callback, paho writes
+        # a publish from the calling thread at once, concurrently with the network thread's
+        # reads on the same TLS connection, which corrupts TLS records and drops the link.
+        # With one, publish() only queues the packet and wakes the loop, which writes it.
+        client.on_socket_register_write = _queued_write
+        client.on_socket_unregister_write = _queued_write
         return client
 
     # -- lifecycle ------------------------------------------------------------------

@@ -8,6 +8,7 @@ ingestor before has been written.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -349,3 +350,49 @@ def test_reconnect_delays_grow_to_the_cap_and_differ_between_processes() -> None
     assert 0.5 <= delays[0] <= 1
     assert all(30 <= d <= 60 for d in delays[6:])
     assert delays != [reconnect_delay(n, two, min_s=1, max_s=60) for n in range(10)]
+
+
+def test_publishing_from_many_threads_while_receiving_keeps_the_tls_connection(
+    mosquitto_tls: TlsBroker,
+) -> None:
+    """Announcements go out from other threads while the network thread reads device reports
+    on the same TLS connection: no write may interleave with a read or another write on the
+    socket (a corrupted TLS record dropped the connection before the fix)."""
+    b = mosquitto_tls
+    received: list[str] = []
+
+    class Sink:
+        def message(self, topic: str, payload: bytes, retain: bool, at: datetime) -> None:
+            received.append(topic)
+
+    link = MqttLink(
+        _options(b, COORDINATOR, clean_start=True),
+        subscriptions=topics.COORDINATOR_FILTERS,
+        receiver=Sink(),
+    )
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        errors: list[BaseException] = []
+
+        def announce(n: int) -> None:
+            try:
+                for i in range(150):
+                    link.publish(topics.device_releases(DEVICE_A), f"{n}-{i}".encode())
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        with _device(b, DEVICE_B) as device:
+            threads = [threading.Thread(target=announce, args=(n,)) for n in range(3)]
+            for t in threads:
+                t.start()
+            beat = topics.device_heartbeat(DEVICE_B)
+            for _ in range(300):
+                device.publish(beat, _heartbeat(datetime.now(UTC)))
+            for t in threads:
+                t.join(60)
+        assert errors == []
+        stats = link.stats()
+        assert (stats.connects, stats.disconnects) == (1, 0), stats
+    finally:
+        link.stop()

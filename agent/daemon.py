@@ -366,9 +366,32 @@ def _update_service(settings: AgentSettings, holder: ModelHolder[Any], link: Any
             link.publish_progress(progress)
             if progress.state in endings:
                 link.status_changed()
+            if progress.state is UpdateState.COMMITTED:
+                _evaluate_committed(settings, link)
 
     device_id = settings.mqtt.device_id if settings.mqtt is not None else None
     return UpdateService(settings.ota, activator, report, device_id=device_id)
+
+
+def _evaluate_committed(settings: AgentSettings, link: Any) -> None:
+    """A committed adapter release is measured on the device's held-out text (with
+    ``[federated]``), in the background, and the result is sent to the coordinator."""
+    if settings.ota is None or settings.federated is None:
+        return
+    from agent.ota.evaluation import evaluate_in_background
+    from agent.ota.slots import SlotManager
+
+    slots = SlotManager(settings.ota.state_dir / "slots")
+    current = slots.current()
+    if current is None or current.adapter is None:
+        return
+    evaluate_in_background(
+        current.adapter,
+        slots.base_dir(current.slot),
+        slots.adapter_dir(current.slot),
+        settings.federated.data_path,
+        link.publish_evaluation,
+    )
 
 
 def _log_progress(progress: Any) -> None:

@@ -12,6 +12,9 @@ release on its own if the rollout leaked it.
   they keep polling; they still run the group's release.
 - A healthy release, waves ``1`` then the rest: the first device installs it before any
   other does, then the rest follow, and the rollout completes.
+- An adapter release that makes held-out perplexity worse: the first wave's device
+  commits it, measures its own held-out text with and without it, reports the two numbers
+  over MQTT, and the rollout halts on the regression; the others never install it.
 
 Nothing sleeps except the polling devices' grace period after the halt; every other wait is
 a condition with a deadline.
@@ -29,7 +32,11 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.federated.datastore import LocalTextStore, Source
 from coordinator import pki
+from coordinator.demo.domain_data import device_slices
+from coordinator.models.adapter_bundle import write_random_adapter_bundle
+from coordinator.models.tiny import train_tiny_tokenizer
 from coordinator.rollout.policy import order_targets
 from coordinator.serve import Coordinator
 from coordinator.settings import CoordinatorSettings, MqttSettings
@@ -37,7 +44,7 @@ from protocol.bundle import MANIFEST_NAME, BundleManifest
 from tests.support.coordinator_http import http_server
 from tests.support.mosquitto import TlsBroker, tls_broker
 from tests.support.ota_fleet import PASSPHRASE, MqttIdentity, ReleaseRepo, agent_config
-from tests.support.ota_models import build_ota_model
+from tests.support.ota_models import build_ota_model, unprintable_tokens
 from tests.support.processes import ManagedProcess, notified
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
@@ -63,6 +70,28 @@ def wait_for(what: str, check: Callable[[], Any], context: Callable[[], str]) ->
 
 def manifest_of(bundle_dir: Path) -> BundleManifest:
     return BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_bytes())
+
+
+def federated_section(home: Path) -> str:
+    """What makes the agent evaluate a committed adapter on its own held-out text."""
+    return f"""
+[federated]
+superlink = "127.0.0.1:9092"
+ca_file = "{home}/ca.crt"
+node_key_file = "{home}/supernode.key"
+data_path = "{home}/texts.sqlite3"
+state_dir = "{home}/supernode"
+"""
+
+
+def fill_store(path: Path, index: int) -> None:
+    """A device's local text: its own slice of a domain, with a held-out part."""
+    texts = device_slices("alpha", devices=len(DEVICES), max_chars=40_000)[index]
+    store = LocalTextStore.open(path)
+    try:
+        store.add_texts([*texts.train_texts(), *texts.heldout_texts()], Source.IMPORT)
+    finally:
+        store.close()
 
 
 @pytest.fixture
@@ -105,7 +134,14 @@ class Scene:
             out[device] = base.version if base else None
         return out
 
-    def rollout(self, manifest: BundleManifest) -> int:
+    def adapters(self) -> dict[str, str | None]:
+        out = {}
+        for device in DEVICES:
+            adapter = self.coordinator.registry.get_device(device).adapter
+            out[device] = adapter.version if adapter else None
+        return out
+
+    def rollout(self, manifest: BundleManifest, **extra: object) -> int:
         created = self.http.post(
             "/api/v1/rollouts",
             json={
@@ -114,6 +150,7 @@ class Scene:
                 "waves": ["1", "100%"],
                 "max_failure_rate": 0.1,
                 "soak_s": 1,
+                **extra,
             },
         )
         assert created.status_code == 201, created.text
@@ -176,6 +213,8 @@ def scene(broker: TlsBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                         broker.ca_file, ident.cert_file, ident.key_file,
                     ),
                 )  # fmt: skip
+                config.write_text(config.read_text() + federated_section(tmp_path / device))
+                fill_store(tmp_path / device / "texts.sqlite3", DEVICES.index(device))
                 agent = ManagedProcess(
                     [str(exe), "run", "--config", str(config)],
                     notify=True,
@@ -237,7 +276,8 @@ def test_waves_reach_only_their_devices_and_a_failing_wave_halts(
         assert bad.version not in scene.agents[device].log_tail(400), device
 
     # -- A healthy release: the first wave's device installs it first, then the rest.
-    good = scene.add(build_ota_model(tmp_path / "good", seed=4))
+    good_dir = build_ota_model(tmp_path / "good", seed=4)
+    good = scene.add(good_dir)
     second = scene.rollout(good)
     leader = order_targets(second, DEVICES)[0]
     wait_for(
@@ -258,6 +298,26 @@ def test_waves_reach_only_their_devices_and_a_failing_wave_halts(
     )
     pointers = {p.device_id: p.base.version for p in _repository(scene).device_pointers()}
     assert pointers == dict.fromkeys(DEVICES, good.version)
+
+    # -- An adapter that makes the devices' held-out perplexity worse: halts on evaluation.
+    keep = unprintable_tokens(train_tiny_tokenizer())  # still answers: passes the health gate
+    worse = scene.add(
+        write_random_adapter_bundle(
+            tmp_path / "worse", good_dir, name="tuned", version="1", scale=0.5, keep_zero=keep
+        )
+    )
+    third = scene.rollout(worse, max_eval_regression=0.05)
+    first_device = order_targets(third, DEVICES)[0]
+    halted = wait_for(
+        "the adapter rollout to halt",
+        lambda: (r := scene.state(third))["state"] == "halted" and r,
+        scene.context,
+    )
+    assert "evaluation metric regressed" in halted["halt_reason"], halted
+    (update,) = scene.http.get(f"/api/v1/rollouts/{third}/updates").json()["updates"]
+    assert update["device_id"] == first_device
+    assert update["candidate"] > update["baseline"] * 1.05, update  # measured on the device
+    assert scene.adapters() == {d: ("1" if d == first_device else None) for d in DEVICES}
 
 
 def _repository(scene: Scene) -> Any:

@@ -83,8 +83,14 @@ class FlowerDriver(Protocol):
 
 
 def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a Flower process: its own home, no telemetry, no update checks."""
+    """The environment of a Flower process: its own home, no telemetry, no update checks,
+    and this interpreter's scripts first on ``PATH`` (the SuperLink starts
+    ``flower-superexec`` by name)."""
     env = dict(os.environ if base is None else base)
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [scripts, *(p for p in env.get("PATH", "").split(os.pathsep) if p)]
+    )
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",

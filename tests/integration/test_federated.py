@@ -3,9 +3,12 @@
 One run (module fixture) on the tiny model: three devices of group ``alpha`` each hold
 their own slice of the NumPy documentation; 2 rounds with SecAgg+ and client-level DP
 (clipping + Gaussian noise); the devices reach the SuperLink through a TLS-terminating
-proxy that records everything they send. The aggregate is packaged as an adapter bundle
-bound to the base model, signed by the adapters key, verified by the device's OTA client,
-and loaded by the runtime.
+proxy that records everything they send. The run goes through the operator's workflow
+(:func:`coordinator.federation.campaign.run_round`): the registry records it and each
+round's figures, the aggregate is packaged as an adapter bundle bound to the base model,
+signed by the adapters key (the coordinator holds no root or targets key), recorded as a
+release and pointed at by the group's channel; the device's OTA client verifies it and the
+runtime loads it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,9 @@ from agent.ota.fetcher import HttpFetcher
 from agent.runtime import SamplingParams
 from agent.runtime.engine import Engine
 from coordinator.demo.domain_data import device_slices
-from coordinator.federation.rounds import (
-    RunResult,
-    RunSpec,
-    package_adapter,
-    publish_adapter,
-    run_personalization,
-)
+from coordinator.federation.campaign import AdapterRelease, RoundOutcome, metric_of, run_round
+from coordinator.federation.rounds import RunResult, RunSpec
+from coordinator.registry import Registry, RoundState, open_registry
 from coordinator.repository import KeyRing, Repository, env_passphrases
 from protocol.bundle import MANIFEST_NAME, BundleManifest, bundle_hash, canonical_json
 from tests.support.federation import Fleet
@@ -66,12 +65,18 @@ SPEC = RunSpec(
 
 @dataclass(frozen=True)
 class Round:
-    result: RunResult
+    outcome: RoundOutcome
     fleet: Fleet
     uploaded: bytes
     texts: dict[str, list[str]]
     work: Path
     model_dir: Path
+    registry: Registry
+    repo_path: Path
+
+    @property
+    def result(self) -> RunResult:
+        return self.outcome.result
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +85,52 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_ota_model(tmp_path_factory.mktemp("fed-model"), seed=11)
 
 
+def _release_repository(work: Path, model_dir: Path) -> Repository:
+    """The repository with the base signed in by the operator's offline keys, opened with
+    the coordinator's keys only (online roles and the delegated adapters and channels)."""
+    offline, online = work / "offline-keys", work / "online-keys"
+    passphrases = env_passphrases({"NANOFLEET_KEY_PASSPHRASE": "test passphrase"})
+    everything = KeyRing([offline, online], passphrases)
+    for role in ("root", "targets"):
+        everything.create(role)
+    coordinator_keys = KeyRing([online], passphrases)
+    for role in ("snapshot", "timestamp", "adapters", "channels"):
+        coordinator_keys.create(role)
+    repo_path = work / "repo"
+    Repository.init(repo_path, everything).add_bundle(model_dir)
+    return Repository(repo_path, coordinator_keys)
+
+
 @pytest.fixture(scope="module")
 def federated_round(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Round]:
     work = tmp_path_factory.mktemp("federation")
     os.environ["FLWR_HOME"] = str(work / "flwr-home")
     base = BundleManifest.model_validate_json((model_dir / MANIFEST_NAME).read_bytes())
+    repository = _release_repository(work, model_dir)
+    registry = open_registry(f"sqlite:///{work / 'registry.sqlite3'}")
     texts: dict[str, list[str]] = {}
     with Fleet(work, model_dir) as fleet:
         for piece in device_slices("alpha", devices=3, max_chars=6000):
             name = f"kiosk-{piece.index}"
             texts[name] = piece.train_texts() + piece.heldout_texts()
             fleet.add_device(name, texts[name])
+            registry.register_device(name, groups=["alpha"], actor="test")
         # A fourth box whose node key the operator never registered.
         fleet.add_device("intruder", texts["kiosk-0"][:3], register=False)
-        result = run_personalization(SPEC, base, fleet.cli, work / "run")
+        outcome = run_round(
+            SPEC,
+            base=base,
+            registry=registry,
+            repository=repository,
+            driver=fleet.cli,
+            work_dir=work / "round",
+            release=AdapterRelease("alpha-tuned", "1", channel="stable"),
+            canary=None,
+            poll_s=0.5,
+        )
         uploaded = fleet.proxy.uploaded()
-        yield Round(result, fleet, uploaded, texts, work, model_dir)
+        yield Round(outcome, fleet, uploaded, texts, work, model_dir, registry, repository.path)
+    registry.engine.dispose()
 
 
 def test_three_supernodes_run_two_rounds_with_secagg_and_dp(federated_round: Round) -> None:
@@ -131,15 +166,31 @@ def test_an_unregistered_node_is_refused(federated_round: Round) -> None:
     assert all(row["eval_nodes"] == 3 for row in federated_round.result.rounds)
 
 
+def test_the_registry_holds_the_run_its_rounds_and_the_release(federated_round: Round) -> None:
+    registry, outcome = federated_round.registry, federated_round.outcome
+    run = registry.get_round(SPEC.round_id)
+    assert run.state is RoundState.FINISHED
+    assert run.group == "alpha"
+    assert run.manifest == outcome.result.manifest.model_dump(mode="json")
+    recorded = [(m.number, m.participants, m.loss, m.perplexity) for m in run.metrics]
+    expected = [metric_of(row) for row in outcome.result.rounds]
+    assert recorded == [(m.number, m.participants, m.loss, m.perplexity) for m in expected]
+    assert [m.number for m in run.metrics] == [1, 2]
+    assert all(m.participants == 3 and m.perplexity is not None for m in run.metrics)
+    # Streamed: each round was recorded when it ended, not both when the run was over.
+    assert (run.metrics[1].recorded_at - run.metrics[0].recorded_at).total_seconds() > 1
+    release = registry.find_release("alpha-tuned", "1")
+    assert release.bundle_sha256 == outcome.published.sha256
+    assert release.kind.value == "adapter"
+
+
 def test_the_aggregate_is_a_signed_adapter_release_that_changes_the_greedy_answer(
     federated_round: Round, tmp_path: Path
 ) -> None:
     model_dir = federated_round.model_dir
     base = BundleManifest.model_validate_json((model_dir / MANIFEST_NAME).read_bytes())
-    bundle_dir = tmp_path / "bundle"
-    manifest = package_adapter(
-        federated_round.result, base, bundle_dir, name="alpha-tuned", version="1"
-    )
+    bundle_dir = federated_round.outcome.bundle_dir
+    manifest = federated_round.outcome.published.manifest
     assert manifest.adapter is not None
     assert manifest.adapter.provenance is not None
     assert manifest.adapter.base_bundle_sha256 == bundle_hash(base)
@@ -147,21 +198,10 @@ def test_the_aggregate_is_a_signed_adapter_release_that_changes_the_greedy_answe
     round_bytes = (bundle_dir / "round-manifest.json").read_bytes()
     assert round_bytes == canonical_json(federated_round.result.manifest)
 
-    # The operator's offline keys sign the base; the coordinator holds only online keys
-    # and the delegated adapters (and channels) keys, and ships the adapter with those.
-    offline, online = tmp_path / "offline-keys", tmp_path / "online-keys"
-    passphrases = env_passphrases({"NANOFLEET_KEY_PASSPHRASE": "test passphrase"})
-    everything = KeyRing([offline, online], passphrases)
-    for role in ("root", "targets"):
-        everything.create(role)
-    coordinator_keys = KeyRing([online], passphrases)
-    for role in ("snapshot", "timestamp", "adapters", "channels"):
-        coordinator_keys.create(role)
-    repo_path = tmp_path / "repo"
-    Repository.init(repo_path, everything).add_bundle(model_dir)
-    published = publish_adapter(
-        Repository(repo_path, coordinator_keys), bundle_dir, group="alpha", channel="stable"
-    )
+    # Signed with the adapters key by a coordinator that holds no root or targets key; the
+    # group's channel points at it (no canary in this run).
+    published = federated_round.outcome.published
+    repo_path = federated_round.repo_path
     with RepoServer(repo_path) as server:
         client = RepositoryClient(
             root=(repo_path / "metadata" / "1.root.json").read_bytes(),

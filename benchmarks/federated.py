@@ -50,7 +50,14 @@ sys.path.insert(0, str(REPO))
 
 from agent.federated.features import Features, extract_features  # noqa: E402
 from agent.federated.lm_head import read_lm_head  # noqa: E402
-from agent.federated.trainer import Adapter, TrainConfig, evaluate, init_adapter, train  # noqa: E402
+from agent.federated.trainer import (  # noqa: E402
+    Adapter,
+    Directive,
+    TrainConfig,
+    evaluate,
+    init_adapter,
+    train,
+)
 from agent.runtime.engine import Engine  # noqa: E402
 from coordinator.demo.domain_data import device_slices, general_heldout  # noqa: E402
 from coordinator.federation.accountant import epsilon, noise_for_epsilon  # noqa: E402
@@ -286,22 +293,47 @@ def flower_part(tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int) -> di
     }
 
 
-def _train_forever(model_dir: str, marker: str, rows: int, batch_rows: int) -> None:
-    """Child process: the on-device trainer on one core, pausing while ``marker`` exists."""
-    from agent.federated.local import serving_checkpoint
+def _train_forever(
+    model_dir: str, marker: str, rows: int, batch_rows: int, check_rows: int, idle: bool, ready: Any
+) -> None:
+    """Child process: the on-device trainer on one core, pausing while ``marker`` exists.
 
+    Set up as the ClientApp runs it: BLAS on one thread (the SuperNode's environment),
+    optionally in the idle scheduling class (:func:`agent.federated.local.yield_cpu`)."""
+    from agent.federated.local import serving_checkpoint, yield_cpu
+
+    if idle:
+        yield_cpu()
     w = read_lm_head(Path(model_dir))
     rng = np.random.default_rng(0)
     h = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
     y = rng.integers(0, w.shape[0], size=rows)
     start = init_adapter(w.shape[1], w.shape[0], 4, seed=0)
-    config = TrainConfig(epochs=100, batch_rows=batch_rows, max_compute_s=3600)
-    train(h, y, w, start, config, checkpoint=serving_checkpoint(Path(marker), poll_s=0.002))
+    config = TrainConfig(
+        epochs=100, batch_rows=batch_rows, check_rows=check_rows, max_compute_s=3600
+    )
+    pause = serving_checkpoint(Path(marker), poll_s=0.002)
+
+    def checkpoint() -> Directive:
+        ready.set()  # training is under way
+        return pause()
+
+    train(h, y, w, start, config, checkpoint=checkpoint)
 
 
-def yield_part(model_dir: Path, *, requests: int, batch_rows: int) -> dict[str, Any]:
+#: (label, batch rows, rows between pause checks, idle scheduling class)
+YIELD_VARIANTS = (
+    ("minibatch boundary", 32, 32, False),
+    ("every 8 rows", 32, 8, False),
+    ("idle class", 32, 32, True),
+    ("every 8 rows + idle class", 32, 8, True),
+)
+
+
+def yield_part(model_dir: Path, *, requests: int, repeats: int) -> dict[str, Any]:
     """First-token latency idle vs during training (the agent sets the serving marker when a
-    request arrives; the trainer stops at its next minibatch boundary)."""
+    request arrives; the trainer pauses at its next check), for each of ``YIELD_VARIANTS``.
+    Each figure is the median over ``repeats`` runs of the median over ``requests``."""
     import multiprocessing
 
     from agent.runtime import SamplingParams
@@ -309,7 +341,7 @@ def yield_part(model_dir: Path, *, requests: int, batch_rows: int) -> dict[str, 
     engine = Engine.load(model_dir, threads=2)
     prompt = engine.encode(engine.render_chat([("user", "Name three uses of a hash map.")]))
 
-    def first_tokens(marker: Path | None) -> list[float]:
+    def first_tokens(marker: Path | None) -> float:
         out = []
         for _ in range(requests):
             began = time.perf_counter()
@@ -320,31 +352,50 @@ def yield_part(model_dir: Path, *, requests: int, batch_rows: int) -> dict[str, 
             if marker is not None:
                 marker.unlink()
             time.sleep(0.15)  # let the trainer run between requests
-        return out
+        return median(out)
 
+    def during_training(batch_rows: int, check_rows: int, idle: bool) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            marker = Path(tmp) / "serving"
+            ctx = multiprocessing.get_context("spawn")
+            ready = ctx.Event()
+            child = ctx.Process(
+                target=_train_forever,
+                args=(str(model_dir), str(marker), 4096, batch_rows, check_rows, idle, ready),
+            )
+            child.start()
+            try:
+                if not ready.wait(120):
+                    raise RuntimeError("the training process did not start")
+                return first_tokens(marker)
+            finally:
+                child.terminate()
+                child.join(10)
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # the children's BLAS, as the SuperNode sets it
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     first_tokens(None)  # warm up
-    idle = first_tokens(None)
-    with tempfile.TemporaryDirectory() as tmp:
-        marker = Path(tmp) / "serving"
-        os.environ["OMP_NUM_THREADS"] = "1"
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
-        ctx = multiprocessing.get_context("spawn")
-        child = ctx.Process(
-            target=_train_forever, args=(str(model_dir), str(marker), 4096, batch_rows)
-        )
-        child.start()
-        try:
-            time.sleep(8.0)  # the child loads the LM head and starts training
-            busy = first_tokens(marker)
-        finally:
-            child.terminate()
-            child.join(10)
+    idle_runs: list[float] = []
+    busy_runs: dict[str, list[float]] = {label: [] for label, *_ in YIELD_VARIANTS}
+    for _ in range(repeats):
+        idle_runs.append(first_tokens(None))
+        for label, batch_rows, check_rows, idle in YIELD_VARIANTS:
+            busy_runs[label].append(during_training(batch_rows, check_rows, idle))
+    idle_ms = 1000 * median(idle_runs)
+    variants = {
+        label: {
+            "first_token_ms": round(1000 * median(runs), 1),
+            "ratio": round(1000 * median(runs) / idle_ms, 3),
+            "runs_ms": [round(1000 * r, 1) for r in runs],
+        }
+        for label, runs in busy_runs.items()
+    }
     return {
         "requests": requests,
-        "batch_rows": batch_rows,
-        "idle_first_token_ms": round(1000 * median(idle), 1),
-        "training_first_token_ms": round(1000 * median(busy), 1),
-        "ratio": round(median(busy) / median(idle), 3),
+        "repeats": repeats,
+        "idle_first_token_ms": round(idle_ms, 1),
+        "idle_runs_ms": [round(1000 * r, 1) for r in idle_runs],
+        "during_training": variants,
     }
 
 
@@ -358,6 +409,7 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=30_000)
     parser.add_argument("--flower-runs", type=int, default=1)
     parser.add_argument("--flower-rounds", type=int, default=2)
+    parser.add_argument("--yield-repeats", type=int, default=5)
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["utility", "cohort", "flower", "yield"]
     )
@@ -388,7 +440,7 @@ def main() -> None:
             tiny_dir, real_dir, rounds=args.flower_rounds, runs=args.flower_runs
         )
     if "yield" not in args.skip:
-        figures["yield"] = yield_part(real_dir, requests=20, batch_rows=32)
+        figures["yield"] = yield_part(real_dir, requests=20, repeats=args.yield_repeats)
         print(f"training yields to serving: {figures['yield']}", flush=True)
     print(json.dumps({"benchmark": "federated", **figures}, sort_keys=True))
 

@@ -7,7 +7,11 @@ SuperNode, so everything is loaded from the node config on each call:
 - ``data-path``: the device's local text store (SQLite), read here and nowhere else;
 - ``model-dir``: the base model directory the agent serves;
 - ``serving-marker`` (optional): a file that exists while the agent is serving; training
-  pauses between minibatches while it does.
+  pauses while it does (checked every ``check-rows`` rows of a minibatch).
+
+Both handlers first put the process in the kernel's idle scheduling class
+(:func:`agent.federated.local.yield_cpu`): the process is one message's, and the agent's
+inference engine must get the cores the moment a request arrives.
 
 Handlers:
 
@@ -42,6 +46,7 @@ from agent.federated.local import (
     evaluate_round,
     serving_checkpoint,
     train_round,
+    yield_cpu,
 )
 from agent.federated.trainer import Adapter, TrainConfig
 
@@ -57,6 +62,7 @@ def train_config_from(config: dict[str, Scalar]) -> TrainConfig:
         "epochs": "epochs",
         "learning-rate": "learning_rate",
         "batch-rows": "batch_rows",
+        "check-rows": "check_rows",
         "l2": "l2",
         "max-steps": "max_steps",
         "max-compute-s": "max_compute_s",
@@ -88,6 +94,7 @@ class _DeviceClient(NumPyClient):
     def fit(
         self, parameters: list[Array], config: dict[str, Scalar]
     ) -> tuple[list[Array], int, dict[str, Scalar]]:
+        yield_cpu()
         model = LocalModel(self._model_dir)
         report = train_round(
             model,
@@ -104,6 +111,7 @@ class _DeviceClient(NumPyClient):
     def evaluate(
         self, parameters: list[Array], config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
+        yield_cpu()
         model = LocalModel(self._model_dir)
         nll, n, metrics = evaluate_round(
             model, self._data, _adapter(parameters), feature_config_from(config)

@@ -10,8 +10,10 @@ Invariants:
 - The model directory is loaded with its files verified; the adapter a round starts from
   must fit it (``[hidden, r]``, ``[r, vocab]``, ``r <=`` the graph's adapter rank).
 - Training is bounded by :class:`~agent.federated.trainer.TrainConfig` budgets and yields
-  to serving through ``checkpoint`` (the ClientApp passes one that waits while the
-  device's serving marker file exists).
+  to serving in two ways: ``checkpoint`` (the ClientApp passes one that waits while the
+  device's serving marker file exists, asked every ``check_rows`` rows), and
+  :func:`yield_cpu`, which puts the training process in the kernel's idle scheduling
+  class so the inference engine preempts it at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -46,6 +48,7 @@ __all__ = [
     "evaluate_round",
     "serving_checkpoint",
     "train_round",
+    "yield_cpu",
 ]
 
 Array = np.ndarray[Any, Any]
@@ -141,6 +144,44 @@ def serving_checkpoint(
         return Directive.CONTINUE
 
     return checkpoint
+
+
+CpuClass = Literal["idle", "nice", "unchanged"]
+
+
+def yield_cpu(task_dir: Path = Path("/proc/self/task")) -> CpuClass:
+    """Lower every thread of this process to the lowest CPU priority the kernel grants.
+
+    Linux ``SCHED_IDLE`` first: such threads run only on cores no other thread wants, so
+    an inference request takes the cores back at once, not after a timeslice. Where that
+    is refused or unknown, nice 19. Threads started later inherit the class. An
+    unprivileged process cannot raise its priority again: call this only in a process that
+    does nothing but train and evaluate (the ClientApp's, one per Flower message).
+    Returns what was applied; never raises.
+    """
+    try:
+        threads = [int(t) for t in os.listdir(task_dir)]
+    except (OSError, ValueError):
+        threads = [0]
+    if hasattr(os, "SCHED_IDLE") and _for_each(
+        threads, lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    ):
+        return "idle"
+    if _for_each(threads, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, 19)):
+        return "nice"
+    return "unchanged"
+
+
+def _for_each(threads: list[int], apply: Callable[[int], None]) -> bool:
+    """Apply to every thread; False when the kernel refuses (a thread that ended is fine)."""
+    for tid in threads:
+        try:
+            apply(tid)
+        except ProcessLookupError:
+            continue
+        except OSError:
+            return False
+    return True
 
 
 def train_round(

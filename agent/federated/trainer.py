@@ -7,9 +7,16 @@ The model the trainer sees is the last step of the Nano model only::
 ``H`` [N, hidden] are the final-norm hidden states the runtime produced for N positions,
 ``y`` [N] the next tokens, ``W`` [vocab, hidden] the frozen (dequantized) LM head, and the
 adapter ``A`` [hidden, rank], ``B`` [rank, vocab] the only trainable weights. The loss is
-the mean softmax cross-entropy over the N positions plus, optionally,
-``l2 / 2 * (|A|^2 + |B|^2)`` (a pull toward the base model against overfitting a small local
-data set).
+the mean softmax cross-entropy over the N positions plus, optionally:
+
+- ``anchor_weight x`` the mean KL divergence from the base model's next-token distribution
+  to the adapted one over M *anchor* positions ``G`` [M, hidden]: hidden states of text of
+  another kind than the local data (the ClientApp samples it from the base model itself).
+  It keeps the adapter from changing the model where the local domain is not in play, the
+  way a per-vocabulary shift learned from the domain alone would (general text got 10-40 %
+  worse without it);
+- ``l2 / 2 * (|A|^2 + |B|^2)`` (a pull toward the base model against overfitting a small
+  local data set).
 
 Invariants:
 
@@ -19,6 +26,9 @@ Invariants:
 - Bounded CPU: a run stops after ``max_steps`` minibatches or ``max_compute_s`` seconds of
   compute (time spent inside the checkpoint, e.g. paused for an inference request, is not
   compute and does not count).
+- Prompt yielding: the checkpoint is asked before every ``check_rows`` rows of a minibatch,
+  not only between minibatches, so a pause waits for at most that many rows of compute. A
+  minibatch interrupted by ABORT is dropped whole (no partial step).
 - ``W`` and the starting adapter are never modified; the result is the *delta* from the
   starting adapter, which is what a federated round averages.
 - Arithmetic runs in the dtype of ``H`` (float32 on a device, float64 in the gradient
@@ -103,11 +113,19 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     epochs: Annotated[int, Field(ge=1, le=100)] = 3
-    #: Positions per minibatch; logits of this many rows x vocab exist at once.
+    #: Positions per minibatch (one Adam step).
     batch_rows: Annotated[int, Field(ge=1, le=4096)] = 128
+    #: Rows computed between two checkpoint calls inside a minibatch; logits of this many
+    #: rows x vocab exist at once. Smaller pauses sooner, at some BLAS efficiency.
+    check_rows: Annotated[int, Field(ge=1, le=4096)] = 32
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-3
     #: Weight of the L2 penalty on A and B (0 disables it).
     l2: Annotated[float, Field(ge=0, le=100.0)] = 0.0
+    #: Weight of the anchor term, the mean KL(base || adapted) on anchor positions
+    #: (0 disables it; a positive weight needs anchor hidden states).
+    anchor_weight: Annotated[float, Field(ge=0, le=1000.0)] = 0.0
+    #: Anchor positions drawn (without replacement) per minibatch.
+    anchor_rows: Annotated[int, Field(ge=1, le=4096)] = 64
     #: Minibatch steps before the run stops, across all epochs.
     max_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     #: Seconds of compute (by the injected clock) before the run stops.
@@ -165,17 +183,22 @@ def loss_and_gradients(
     adapter: Adapter,
     l2: float = 0.0,
     batch_rows: int = EVAL_BATCH_ROWS,
+    *,
+    anchor: FloatArray | None = None,
+    anchor_weight: float = 0.0,
 ) -> tuple[float, FloatArray, FloatArray]:
     """The training objective at ``adapter`` and its gradients with respect to A and B.
 
-    The loss is the mean cross-entropy over all rows of ``h`` plus
-    ``l2 / 2 * (|A|^2 + |B|^2)``. Rows are processed ``batch_rows`` at a time; gradients
-    come back in the dtype of ``h``.
+    The loss is the mean cross-entropy over all rows of ``h`` plus ``anchor_weight x`` the
+    mean KL(base || adapted) over all rows of ``anchor`` plus ``l2 / 2 * (|A|^2 + |B|^2)``.
+    Rows are processed ``batch_rows`` at a time; gradients come back in the dtype of ``h``.
 
     Raises:
-        TrainingInputError: shapes, dtypes or target ids do not fit together.
+        TrainingInputError: shapes, dtypes or target ids do not fit together, or a positive
+            ``anchor_weight`` without anchor hidden states.
     """
     _check_inputs(h, y, w, adapter)
+    _check_anchor(anchor, anchor_weight, h)
     a, b = (np.asarray(m, dtype=h.dtype) for m in adapter)
     grad_a = np.zeros_like(a)
     grad_b = np.zeros_like(b)
@@ -185,6 +208,14 @@ def loss_and_gradients(
         rows = slice(start, start + batch_rows)
         total_nll += _accumulate(h[rows], y[rows], w, a, b, 1.0 / n, grad_a, grad_b)
     loss = total_nll / n
+    if anchor is not None and anchor_weight > 0:
+        g = anchor.astype(h.dtype, copy=False)
+        m = g.shape[0]
+        total_kl = 0.0
+        for start in range(0, m, batch_rows):
+            rows = slice(start, start + batch_rows)
+            total_kl += _accumulate_kl(g[rows], w, a, b, anchor_weight / m, grad_a, grad_b)
+        loss += anchor_weight * total_kl / m
     if l2 > 0:
         loss += 0.5 * l2 * (float(np.sum(a * a)) + float(np.sum(b * b)))
         grad_a += l2 * a
@@ -226,19 +257,26 @@ def train(
     *,
     clock: Callable[[], float] = time.monotonic,
     checkpoint: Checkpoint | None = None,
+    anchor: FloatArray | None = None,
 ) -> TrainResult:
     """Fit the adapter to ``(h, y)`` from ``start`` with minibatch Adam; return the delta.
 
     Each epoch visits the rows in a fresh order drawn from ``config.seed``. Before every
-    minibatch the budgets are checked, then ``checkpoint`` is called (it may block to pause
-    training, or return ABORT to stop at once); whatever was learned until the stop is
-    returned, with the reason in ``stopped``.
+    minibatch the budgets are checked; ``checkpoint`` is called before every
+    ``config.check_rows`` rows of a minibatch (it may block to pause training, or return
+    ABORT to stop at once, dropping the unfinished minibatch); whatever was learned until
+    the stop is returned, with the reason in ``stopped``. With a positive
+    ``config.anchor_weight``, each minibatch also draws ``config.anchor_rows`` rows of
+    ``anchor`` for the anchor term.
 
     Raises:
-        TrainingInputError: shapes, dtypes or target ids do not fit together.
+        TrainingInputError: shapes, dtypes or target ids do not fit together, or a positive
+            ``anchor_weight`` without anchor hidden states.
     """
     _check_inputs(h, y, w, start)
+    _check_anchor(anchor, config.anchor_weight, h)
     dtype = h.dtype
+    g = anchor.astype(dtype, copy=False) if anchor is not None else None
     a0 = np.asarray(start.a, dtype=dtype)
     b0 = np.asarray(start.b, dtype=dtype)
     params = [a0.copy(), b0.copy()]
@@ -259,17 +297,23 @@ def train(
                 stopped = StopReason.MAX_STEPS
             elif compute_s >= config.max_compute_s:
                 stopped = StopReason.MAX_COMPUTE
-            elif checkpoint is not None and checkpoint() is Directive.ABORT:
-                stopped = StopReason.ABORTED
             if stopped is not StopReason.COMPLETED:
                 break
             began = clock()
             rows = order[first : first + config.batch_rows]
-            batch_nll, grads = _minibatch_gradients(h[rows], y[rows], w, params, config.l2)
+            anchored = None
+            if g is not None and config.anchor_weight > 0:
+                drawn = rng.choice(g.shape[0], min(config.anchor_rows, g.shape[0]), replace=False)
+                anchored = g[drawn]
+            step = _minibatch(h, y, rows, anchored, w, params, config, clock, checkpoint)
+            if step.grads is None:
+                compute_s += clock() - began - step.paused_s
+                stopped = StopReason.ABORTED
+                break
             steps += 1
-            _adam_step(params, grads, moments1, moments2, steps, config.learning_rate)
-            compute_s += clock() - began
-            epoch_nll += batch_nll
+            _adam_step(params, step.grads, moments1, moments2, steps, config.learning_rate)
+            compute_s += clock() - began - step.paused_s
+            epoch_nll += step.nll
             epoch_rows += len(rows)
         if stopped is not StopReason.COMPLETED:
             break
@@ -284,18 +328,60 @@ def train(
     )
 
 
-def _minibatch_gradients(
-    h: FloatArray, y: IntArray, w: FloatArray, params: list[FloatArray], l2: float
-) -> tuple[float, list[FloatArray]]:
-    """Summed NLL of the rows and the gradients of the rows' mean loss (+ L2)."""
+class _Minibatch(NamedTuple):
+    """Summed NLL of a minibatch's rows, the gradients of their mean loss (+ L2) or None
+    when the checkpoint said ABORT, and the time spent inside the checkpoint."""
+
+    nll: float
+    grads: list[FloatArray] | None
+    paused_s: float
+
+
+def _minibatch(
+    h: FloatArray,
+    y: IntArray,
+    rows: IntArray,
+    anchor: FloatArray | None,
+    w: FloatArray,
+    params: list[FloatArray],
+    config: TrainConfig,
+    clock: Callable[[], float],
+    checkpoint: Checkpoint | None,
+) -> _Minibatch:
+    """The rows' (and anchor rows') gradients, ``config.check_rows`` rows at a time,
+    asking ``checkpoint`` before each chunk."""
     a, b = params
     grad_a = np.zeros_like(a)
     grad_b = np.zeros_like(b)
-    nll = _accumulate(h, y, w, a, b, 1.0 / h.shape[0], grad_a, grad_b)
-    if l2 > 0:
-        grad_a += l2 * a
-        grad_b += l2 * b
-    return nll, [grad_a, grad_b]
+    scale = 1.0 / len(rows)
+    nll = 0.0
+    paused_s = 0.0
+    chunks: list[tuple[IntArray, FloatArray | None]] = [
+        (rows[first : first + config.check_rows], None)
+        for first in range(0, len(rows), config.check_rows)
+    ]
+    kl_scale = 0.0
+    if anchor is not None:
+        kl_scale = config.anchor_weight / anchor.shape[0]
+        chunks += [
+            (rows[:0], anchor[first : first + config.check_rows])
+            for first in range(0, anchor.shape[0], config.check_rows)
+        ]
+    for chunk, anchor_chunk in chunks:
+        if checkpoint is not None:
+            asked = clock()
+            directive = checkpoint()
+            paused_s += clock() - asked
+            if directive is Directive.ABORT:
+                return _Minibatch(nll, None, paused_s)
+        if anchor_chunk is None:
+            nll += _accumulate(h[chunk], y[chunk], w, a, b, scale, grad_a, grad_b)
+        else:
+            _accumulate_kl(anchor_chunk, w, a, b, kl_scale, grad_a, grad_b)
+    if config.l2 > 0:
+        grad_a += config.l2 * a
+        grad_b += config.l2 * b
+    return _Minibatch(nll, [grad_a, grad_b], paused_s)
 
 
 def _accumulate(
@@ -328,6 +414,41 @@ def _accumulate(
     grad_b += ha.T @ z
     grad_a += h.T @ (z @ b.T)
     return nll
+
+
+def _accumulate_kl(
+    g: FloatArray,
+    w: FloatArray,
+    a: FloatArray,
+    b: FloatArray,
+    scale: float,
+    grad_a: FloatArray,
+    grad_b: FloatArray,
+) -> float:
+    """Add ``scale`` x the gradients of the rows' summed KL(base || adapted); return that sum.
+
+    With p the base and q the adapted softmax, d(KL)/d(adapted logits) = q - p.
+    """
+    ga = g @ a
+    base = g @ w.T.astype(g.dtype, copy=False)
+    z = base + ga @ b
+    log_p = _log_softmax(base)
+    log_q = _log_softmax(z)
+    p = np.exp(log_p)
+    kl = float(np.sum(p * (log_p - log_q), dtype=np.float64))
+    q = np.exp(log_q, out=z)
+    q -= p
+    q *= scale
+    grad_b += ga.T @ q
+    grad_a += g.T @ (q @ b.T)
+    return kl
+
+
+def _log_softmax(z: FloatArray) -> FloatArray:
+    """Row-wise log-softmax; overwrites ``z``."""
+    z -= z.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
 
 
 def _logits(h: FloatArray, w: FloatArray, adapter: Adapter | None) -> FloatArray:
@@ -363,6 +484,19 @@ def _adam_step(
         v_i *= _ADAM_BETA2
         v_i += (1.0 - _ADAM_BETA2) * (g * g)
         p -= lr * (m_i / correction1) / (np.sqrt(v_i / correction2) + _ADAM_EPS)
+
+
+def _check_anchor(anchor: FloatArray | None, weight: float, h: FloatArray) -> None:
+    if anchor is None:
+        if weight > 0:
+            raise TrainingInputError("a positive anchor_weight needs anchor hidden states")
+        return
+    if anchor.ndim != 2 or anchor.shape[0] < 1 or anchor.shape[1] != h.shape[1]:
+        raise TrainingInputError(
+            f"anchor hidden states must be [M >= 1, {h.shape[1]}], got {anchor.shape}"
+        )
+    if not np.isfinite(anchor).all():
+        raise TrainingInputError("anchor hidden states contain NaN or infinite values")
 
 
 def _check_inputs(h: FloatArray, y: IntArray, w: FloatArray, adapter: Adapter | None) -> None:

@@ -3,6 +3,9 @@ ClientApp's handlers' inputs, the SuperNode's command line, and DP clipping on u
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +100,30 @@ def test_training_pauses_while_the_agent_serves(tmp_path: Path) -> None:
     marker.touch()
     give_up = serving_checkpoint(marker, sleep=lambda _: None, clock=lambda: next(now))
     assert give_up() is Directive.ABORT
+
+
+_IDLE_CHILD = """
+import os, threading
+from agent.federated.local import yield_cpu
+started = threading.Event()
+done = threading.Event()
+worker = threading.Thread(target=lambda: (started.set(), done.wait()))
+worker.start()
+started.wait()
+applied = yield_cpu()
+late = threading.Thread(target=lambda: print(os.sched_getscheduler(0)))
+print(applied, os.sched_getscheduler(0), os.sched_getscheduler(worker.native_id))
+late.start(); late.join(); done.set(); worker.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+def test_training_processes_drop_every_thread_to_the_idle_class() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _IDLE_CHILD], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    idle = str(os.SCHED_IDLE)
+    assert out == ["idle", idle, idle, idle]  # this thread, one already running, a later one
 
 
 def test_the_supernode_command_line_is_tls_authenticated_and_points_at_local_data(

@@ -294,3 +294,94 @@ def test_config_names_the_field_and_the_limit() -> None:
         TrainConfig(learning_rate=0)
     with pytest.raises(TrainingInputError, match="rank must be >= 1, got 0"):
         init_adapter(5, 11, 0, seed=0)
+
+
+def test_checkpoint_is_asked_inside_a_minibatch_every_check_rows_rows() -> None:
+    h, y, w = _teacher_problem(seed=14, n=40)
+    calls: list[int] = []
+
+    def checkpoint() -> Directive:
+        calls.append(1)
+        return Directive.CONTINUE
+
+    start = init_adapter(16, 40, 2, 0)
+    config = TrainConfig(epochs=1, batch_rows=20, check_rows=8, learning_rate=0.01)
+    chunked = train(h, y, w, start, config, checkpoint=checkpoint)
+    assert (chunked.steps, len(calls)) == (2, 2 * 3)  # rows 0-7, 8-15, 16-19 per minibatch
+    whole = train(h, y, w, start, config.model_copy(update={"check_rows": 20}))
+    np.testing.assert_allclose(chunked.delta.a, whole.delta.a, atol=1e-6)
+    np.testing.assert_allclose(chunked.delta.b, whole.delta.b, atol=1e-6)
+
+
+def test_abort_inside_a_minibatch_drops_that_minibatch() -> None:
+    h, y, w = _teacher_problem(seed=15, n=40)
+    answers = iter([Directive.CONTINUE] * 4 + [Directive.ABORT])
+    start = init_adapter(16, 40, 2, 0)
+    config = TrainConfig(epochs=1, batch_rows=20, check_rows=8, learning_rate=0.01, seed=3)
+    result = train(h, y, w, start, config, checkpoint=lambda: next(answers))
+    one_step = train(h, y, w, start, config.model_copy(update={"max_steps": 1}))
+    assert (result.stopped, result.steps) == (StopReason.ABORTED, 1)
+    np.testing.assert_array_equal(result.delta.b, one_step.delta.b)
+
+
+@pytest.mark.parametrize(("weight", "batch_rows"), [(0.7, 256), (2.0, 3)])
+def test_anchor_gradients_match_central_finite_differences(weight: float, batch_rows: int) -> None:
+    h, y, w, adapter = _tiny(seed=16)
+    anchor = np.random.default_rng(17).normal(size=(5, h.shape[1]))
+
+    def loss() -> float:
+        return loss_and_gradients(
+            h, y, w, adapter, 0.1, batch_rows, anchor=anchor, anchor_weight=weight
+        )[0]
+
+    _, grad_a, grad_b = loss_and_gradients(
+        h, y, w, adapter, 0.1, batch_rows, anchor=anchor, anchor_weight=weight
+    )
+    np.testing.assert_allclose(grad_a, _numeric_gradient(loss, adapter.a), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grad_b, _numeric_gradient(loss, adapter.b), rtol=1e-5, atol=1e-7)
+
+
+def test_anchor_term_is_the_mean_kl_from_the_base_model() -> None:
+    h, y, w, adapter = _tiny(seed=18)
+    anchor = np.random.default_rng(19).normal(size=(6, h.shape[1]))
+    plain = loss_and_gradients(h, y, w, adapter)[0]
+    anchored = loss_and_gradients(h, y, w, adapter, anchor=anchor, anchor_weight=3.0)[0]
+    base = anchor @ w.T
+    tuned = base + anchor @ adapter.a @ adapter.b
+    log_p = base - np.log(np.exp(base).sum(axis=1, keepdims=True))
+    log_q = tuned - np.log(np.exp(tuned).sum(axis=1, keepdims=True))
+    kl = np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1))
+    assert anchored == pytest.approx(plain + 3.0 * kl, rel=1e-10)
+    fresh = init_adapter(h.shape[1], w.shape[0], 2, seed=0)
+    assert loss_and_gradients(h, y, w, fresh, anchor=anchor, anchor_weight=3.0)[0] == (
+        pytest.approx(loss_and_gradients(h, y, w, fresh)[0], rel=1e-6)
+    )
+
+
+def test_the_anchor_keeps_the_model_on_other_text() -> None:
+    h, y, w = _teacher_problem(seed=20, n=800)
+    other = np.random.default_rng(21).normal(size=(400, h.shape[1])).astype(np.float32) + 1.5
+    start = init_adapter(16, 40, 4, seed=0)
+    config = TrainConfig(epochs=4, batch_rows=64, learning_rate=0.02)
+    free = train(h, y, w, start, config).delta
+    held = train(
+        h, y, w, start, config.model_copy(update={"anchor_weight": 5.0}), anchor=other
+    ).delta
+
+    def drift(delta: Adapter) -> float:
+        tuned = Adapter(a=start.a + delta.a, b=start.b + delta.b)
+        return (
+            loss_and_gradients(other, y[:400], w, tuned, anchor=other, anchor_weight=1.0)[0]
+            - (loss_and_gradients(other, y[:400], w, tuned)[0])
+        )
+
+    assert drift(held) < 0.5 * drift(free)
+
+
+def test_an_anchor_weight_without_anchor_states_is_refused() -> None:
+    h, y, w = _teacher_problem(seed=22, n=20)
+    config = TrainConfig(anchor_weight=1.0)
+    with pytest.raises(TrainingInputError, match="needs anchor hidden states"):
+        train(h, y, w, init_adapter(16, 40, 2, 0), config)
+    with pytest.raises(TrainingInputError, match=r"anchor hidden states must be \[M >= 1, 16\]"):
+        train(h, y, w, init_adapter(16, 40, 2, 0), config, anchor=np.zeros((3, 5)))

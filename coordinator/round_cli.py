@@ -39,9 +39,9 @@ from coordinator.federation.campaign import (
     RoundFailedError,
     RoundOutcome,
     Stage,
-    failure_reason,
     run_round,
 )
+from coordinator.federation.round_log import failure_reason
 from coordinator.federation.rounds import RunSpec
 from coordinator.federation.superlink import FlowerCli
 from coordinator.registry import (

@@ -44,11 +44,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from tuf.api.metadata import Root, Targets
 
 from coordinator.errors import CoordinatorError, RefusedError, SigningKeyError
+from coordinator.federation.round_log import failure_reason, record_failure
 from coordinator.federation.rounds import (
     METRICS_FILE,
     RunResult,
@@ -89,11 +90,6 @@ __all__ = [
     "metric_of",
     "run_round",
 ]
-
-FAIL_ACTION: Final = "round.fail"
-MAX_REASON_CHARS: Final = 2000  # of a failure reason kept in the audit log
-_AUDIT_SCAN: Final = 10_000  # newest audit entries searched for a failure reason
-_AUDIT_PAGE: Final = 1000
 
 
 class Stage(StrEnum):
@@ -375,6 +371,9 @@ def _run_streaming(
                 record(row)
     worker.join()
     if "error" in outcome:
+        for row in tail.read_new():  # what the run wrote before it failed
+            with contextlib.suppress(Exception):
+                record(row)
         raise outcome["error"]
     result: RunResult = outcome["result"]
     for row in result.rounds:  # the whole file, as the run read it: nothing is missed
@@ -479,9 +478,15 @@ def run_round(
         stage = Stage.FINISH
         show.stage(stage)
         view = registry.finish_round(spec.round_id, RoundState.FINISHED, manifest=finished)
+    except KeyboardInterrupt:
+        # The operator stopped the command; the SuperLink's run may go on, unrecorded.
+        record_failure(
+            registry, spec.round_id, stage.value, "interrupted", actor=actor, manifest=finished
+        )
+        raise
     except Exception as e:
         reason = str(e).strip() or type(e).__name__
-        _record_failure(registry, spec.round_id, stage, reason, actor, finished)
+        record_failure(registry, spec.round_id, stage.value, reason, actor=actor, manifest=finished)
         raise RoundFailedError(spec.round_id, stage, reason) from e
     registry.audit(
         actor,
@@ -495,37 +500,3 @@ def run_round(
         },
     )
     return RoundOutcome(view, result, bundle_dir, published, release_view, rollout)
-
-
-def _record_failure(
-    registry: Registry,
-    round_id: str,
-    stage: Stage,
-    reason: str,
-    actor: str,
-    manifest: RoundManifest | None,
-) -> None:
-    registry.audit(
-        actor,
-        FAIL_ACTION,
-        subject=f"round/{round_id}",
-        details={"stage": stage.value, "reason": reason[-MAX_REASON_CHARS:]},
-    )
-    if registry.get_round(round_id).state is RoundState.RUNNING:
-        registry.finish_round(round_id, RoundState.FAILED, manifest=manifest)
-
-
-def failure_reason(registry: Registry, round_id: str) -> str | None:
-    """Why the run ``round_id`` failed (``"<stage>: <reason>"``), from the newest audit
-    entries, or None when none is found."""
-    subject = f"round/{round_id}"
-    before: int | None = None
-    for _ in range(_AUDIT_SCAN // _AUDIT_PAGE):
-        page = registry.list_audit(limit=_AUDIT_PAGE, before_id=before)
-        for entry in page:
-            if entry.action == FAIL_ACTION and entry.subject == subject:
-                return f"{entry.details.get('stage')}: {entry.details.get('reason')}"
-        if len(page) < _AUDIT_PAGE:
-            return None
-        before = page[-1].id
-    return None

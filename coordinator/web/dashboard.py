@@ -3,7 +3,7 @@
 Pages: the fleet (``/ui/``), a device and its update history (``/ui/devices/{id}``),
 rollouts and one rollout's waves with their progress and decision log
 (``/ui/rollouts/{id}``), federated runs and one run's plot of loss and perplexity per round
-with participation (``/ui/rounds/{id}``, inline SVG).
+with participation, and why a failed run failed (``/ui/rounds/{id}``, inline SVG).
 
 Access: the operator token, entered once on ``/ui/login`` and kept in an HttpOnly,
 SameSite=Strict cookie (or sent as a bearer header). Every value that reaches the page is
@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from coordinator.federation.round_log import failure_reason
 from coordinator.registry import (
     DeviceFilter,
     DeviceView,
@@ -29,6 +30,7 @@ from coordinator.registry import (
     Online,
     Registry,
     RolloutView,
+    RoundState,
     RoundView,
 )
 from coordinator.rollout.policy import FAILED_STATES
@@ -122,6 +124,12 @@ def _progress_bar(progress: dict[UpdateState, int], total: int) -> str:
         f"<div class='bar' title='{done} committed, {failed} failed, {busy} updating'>{spans}</div>"
         f" {done}/{total} committed, {failed} failed"
     )
+
+
+def _rounds_done(run: RoundView) -> str:
+    """Rounds recorded over rounds planned, e.g. ``2/5``."""
+    planned = run.manifest.get("rounds")
+    return f"{len(run.metrics)}/{planned}" if isinstance(planned, int) else str(len(run.metrics))
 
 
 def round_plot_svg(run: RoundView, width: int = 640, height: int = 260) -> str:
@@ -377,7 +385,7 @@ def dashboard_router(registry: Registry, token: str) -> APIRouter:
                 f"<a href='{UI_PREFIX}/rounds/{escape(run.id)}'>{escape(run.id)}</a>",
                 escape(run.group),
                 _pill(run.state.value),
-                str(len(run.metrics)),
+                _rounds_done(run),
                 _when(run.created_at),
             ]
             for run in registry.list_rounds(limit=200)
@@ -406,10 +414,12 @@ def dashboard_router(registry: Registry, token: str) -> APIRouter:
             ],
             "metrics",
         )
+        why = failure_reason(registry, round_id) if run.state is RoundState.FAILED else None
+        reason = f"<p class='reason' id='failure-reason'>Failed at {escape(why)}</p>" if why else ""
         return _page(
             f"Run {run.id}",
-            f"<p>group {escape(run.group)} · {_pill(run.state.value)}</p>"
-            f"{round_plot_svg(run)}{table}",
+            f"<p>group {escape(run.group)} · {_pill(run.state.value)} · "
+            f"{_rounds_done(run)} rounds</p>{reason}{round_plot_svg(run)}{table}",
         )
 
     return router

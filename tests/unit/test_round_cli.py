@@ -11,13 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from coordinator import round_cli
 from coordinator.cli import app
 from coordinator.registry import Registry, open_registry
+from coordinator.web.dashboard import dashboard_router
 from protocol.exitcodes import ExitCode
+from tests.support.coordinator_http import http_server
 from tests.support.db_fixtures import make_round_manifest
 from tests.unit.test_round_campaign import FakeFlower, make_coordinator
 
@@ -235,6 +239,17 @@ def test_a_failed_round_exits_1_and_status_shows_why(
     assert data["failure_reason"].startswith("run: ")
     shown = invoke("status", "alpha-8", "--config", str(setup.config))
     assert "failed at run" in shown.output
+    # The dashboard's round page says why, and how far the run got.
+    web = FastAPI()
+    web.include_router(dashboard_router(setup.registry, TOKEN))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with http_server(web) as url, httpx.Client(base_url=url, headers=auth) as client:
+        page = client.get("/ui/rounds/alpha-8")
+        listing = client.get("/ui/rounds")
+    assert page.status_code == 200
+    assert "id='failure-reason'>Failed at run: flwr run failed" in page.text
+    assert "1/3 rounds" in page.text
+    assert "<td>1/3</td>" in listing.text
 
 
 def test_status_lists_runs_and_refuses_an_unknown_one(setup: Setup) -> None:

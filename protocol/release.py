@@ -13,8 +13,10 @@ Target paths (every ``{...}`` is one path level):
 - ``channels/{group}/{channel}``: the :class:`ChannelPointer` of a group's release channel,
   listed by the delegated :data:`CHANNELS_ROLE` (the coordinator's key).
 - ``devices/{device_id}/{channel}``: a :class:`DevicePointer`, one device's own release
-  channel, listed by :data:`CHANNELS_ROLE` too. A staged rollout moves these wave by wave; a
-  device follows its own pointer when there is one and its group's otherwise.
+  channel, in :data:`CHANNELS_ROLE`'s scope and listed by one of its hash bins
+  (:data:`DEVICE_BINS_PREFIX`, signed with the channels key). A staged rollout moves these
+  wave by wave; a device follows its own pointer when there is one and its group's
+  otherwise.
 
 Invariants:
 
@@ -52,6 +54,9 @@ DEVICES_DIR: Final = "devices"
 ADAPTERS_ROLE: Final = "adapters"
 #: Delegated role that may list channel pointers only; its key is held by the coordinator.
 CHANNELS_ROLE: Final = "channels"
+#: Name prefix of the hash bins the channels role delegates device pointers to (TUF succinct
+#: roles, ``devices-00`` ...): a device downloads only its own bin, not every device's pointer.
+DEVICE_BINS_PREFIX: Final = "devices"
 #: The path patterns each delegated role is confined to (``*`` matches one path level).
 DELEGATED_PATHS: Final[dict[str, tuple[str, ...]]] = {
     ADAPTERS_ROLE: (f"{ADAPTERS_DIR}/*/*/*",),

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from coordinator.errors import ConfigError, CoordinatorError
 from coordinator.repository.keys import KeyRing, env_passphrases
-from coordinator.repository.repo import Repository
+from coordinator.repository.repo import DEFAULT_DEVICE_BIN_BITS, Repository
 from protocol.exitcodes import ExitCode
 
 keys_app = typer.Typer(
@@ -170,10 +170,21 @@ def release_init(
     repo: RepoOpt,
     keys: KeysOpt,
     root_threshold: Annotated[int, typer.Option(min=1, help="Signatures root needs.")] = 1,
+    device_bin_bits: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=12,
+            help="Device pointers go into 2**N hash bins; a device downloads only its own "
+            "(6: 64 bins, about 160 devices each at 10,000).",
+        ),
+    ] = DEFAULT_DEVICE_BIN_BITS,
 ) -> None:
     """Create a new repository signed by the keys in --keys (one or more per role)."""
     with _errors():
-        created = Repository.init(repo, _keyring(keys), root_threshold=root_threshold)
+        created = Repository.init(
+            repo, _keyring(keys), root_threshold=root_threshold, device_bin_bits=device_bin_bits
+        )
     _err.print(f"repository created; devices pin {created.metadata_dir / '1.root.json'}")
 
 

@@ -50,6 +50,7 @@ from tuf.api.metadata import (
     MetaFile,
     Root,
     Snapshot,
+    SuccinctRoles,
     TargetFile,
     Targets,
     Timestamp,
@@ -65,6 +66,7 @@ from protocol.release import (
     CHANNELS_DIR,
     CHANNELS_ROLE,
     DELEGATED_PATHS,
+    DEVICE_BINS_PREFIX,
     BundleTargetInfo,
     ChannelPointer,
     DevicePointer,
@@ -79,6 +81,8 @@ from protocol.release import (
 )
 
 DELEGATED_ROLES = (ADAPTERS_ROLE, CHANNELS_ROLE)
+#: Device pointers are spread over 2**bits hash bins (64: about 160 devices per bin at 10,000).
+DEFAULT_DEVICE_BIN_BITS = 6
 #: The lock file every writer holds (``flock``), so the daemon and the CLI can share a repo.
 LOCK_NAME = ".lock"
 
@@ -112,7 +116,8 @@ class ExpiryPolicy:
     timestamp: timedelta = timedelta(days=1)
 
     def of(self, role: str) -> timedelta:
-        lifetime: timedelta = getattr(self, role if role not in DELEGATED_ROLES else "delegated")
+        top = role in ("root", "targets", "snapshot", "timestamp")
+        lifetime: timedelta = getattr(self, role if top else "delegated")
         return lifetime
 
 
@@ -206,10 +211,14 @@ class Repository:
         keys: KeyRing,
         *,
         root_threshold: int = 1,
+        device_bin_bits: int = DEFAULT_DEVICE_BIN_BITS,
         expiry: ExpiryPolicy | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> Repository:
         """Create a repository signed by every key ``keys`` holds for each role.
+
+        The channels role delegates device pointers to ``2**device_bin_bits`` hash bins
+        (each signed with the channels key), created empty here.
 
         Raises:
             RefusedError: ``path`` already holds a repository, or the threshold is invalid.
@@ -254,9 +263,20 @@ class Repository:
         for role in DELEGATED_ROLES:
             for key in role_keys[role]:
                 targets.add_key(key, role)
+        if not 1 <= device_bin_bits <= 12:
+            raise RefusedError(f"device_bin_bits must be 1..12, got {device_bin_bits}")
         delegated = {
             role: Metadata(Targets(expires=repo._expires(role))) for role in DELEGATED_ROLES
         }
+        bins = SuccinctRoles(
+            keyids=[], threshold=1, bit_length=device_bin_bits, name_prefix=DEVICE_BINS_PREFIX
+        )
+        channels = delegated[CHANNELS_ROLE].signed
+        channels.delegations = Delegations(keys={}, succinct_roles=bins)
+        for key in role_keys[CHANNELS_ROLE]:
+            channels.add_key(key)
+        for name in bins.get_roles():
+            delegated[name] = Metadata(Targets(expires=repo._expires(CHANNELS_ROLE)))
         repo._publish(Metadata(targets), delegated, first=True)
         return repo
 
@@ -307,8 +327,8 @@ class Repository:
         """Return every device's own pointer (those a staged rollout has moved)."""
         return [
             parse_device_pointer(target.custom)
-            for path, target in self.targets(CHANNELS_ROLE).signed.targets.items()
-            if not path.startswith(f"{CHANNELS_DIR}/")
+            for name in self._bins().get_roles()
+            for target in self.targets(name).signed.targets.values()
         ]
 
     def find(self, name: str, version: str) -> PublishedBundle | None:
@@ -423,8 +443,10 @@ class Repository:
             SigningKeyError: the channels key is missing or locked.
         """
         base, adapter = self._release(name, version)
-        md = self.targets(CHANNELS_ROLE)
-        pointers, changed = [], False
+        bins = self._bins()
+        changed: dict[str, Metadata[Targets]] = {}
+        loaded: dict[str, Metadata[Targets]] = {}
+        pointers = []
         for device_id in device_ids:
             try:
                 pointer = DevicePointer(
@@ -435,10 +457,16 @@ class Repository:
                 )
             except ValidationError as e:
                 raise RefusedError(f"device {device_id!r} channel {channel!r}: {e}") from e
-            changed |= self._set_pointer(md, device_pointer_path(device_id, channel), pointer)
+            path = device_pointer_path(device_id, channel)
+            name = bins.get_role_for_target(path)
+            if name not in loaded:
+                loaded[name] = self.targets(name)
+            md = loaded[name]
+            if self._set_pointer(md, path, pointer):
+                changed[name] = md
             pointers.append(pointer)
         if changed:
-            self._publish(None, {CHANNELS_ROLE: md})
+            self._publish(None, changed)
         return pointers
 
     @_exclusive
@@ -450,13 +478,30 @@ class Repository:
         Raises:
             SigningKeyError: the channels key is missing or locked.
         """
-        md = self.targets(CHANNELS_ROLE)
-        removed = [
-            d for d in device_ids if md.signed.targets.pop(device_pointer_path(d, channel), None)
-        ]
-        if removed:
-            self._publish(None, {CHANNELS_ROLE: md})
+        bins = self._bins()
+        loaded: dict[str, Metadata[Targets]] = {}
+        changed: dict[str, Metadata[Targets]] = {}
+        removed = []
+        for device_id in device_ids:
+            path = device_pointer_path(device_id, channel)
+            name = bins.get_role_for_target(path)
+            if name not in loaded:
+                loaded[name] = self.targets(name)
+            if loaded[name].signed.targets.pop(path, None) is not None:
+                changed[name] = loaded[name]
+                removed.append(device_id)
+        if changed:
+            self._publish(None, changed)
         return removed
+
+    def _bins(self) -> SuccinctRoles:
+        """The hash bins the channels role delegates device pointers to."""
+        delegations = self.targets(CHANNELS_ROLE).signed.delegations
+        if delegations is None or delegations.succinct_roles is None:
+            raise RefusedError(
+                f"{self.path} has no device pointer bins (made by an older `release init`)"
+            )
+        return delegations.succinct_roles
 
     def _release(self, name: str, version: str) -> tuple[PublishedBundle, PublishedBundle | None]:
         """The base and adapter a pointer at ``name`` ``version`` names."""
@@ -502,6 +547,8 @@ class Repository:
         if not due:
             return []
         delegated = {role: self.targets(role) for role in DELEGATED_ROLES if role in due}
+        if CHANNELS_ROLE in delegated:  # the device pointer bins share its key and lifetime
+            delegated.update({name: self.targets(name) for name in self._bins().get_roles()})
         if delegated or "snapshot" in due:
             self._publish(None, delegated)
             return sorted({*due, "snapshot", "timestamp"})
@@ -562,7 +609,18 @@ class Repository:
             delegator.add_key(key.public, role)
         delegator.get_delegated_role(role).threshold = wanted
         if delegated:
-            self._publish(cast("Metadata[Targets]", delegator_md), {role: self.targets(role)})
+            signed = {role: self.targets(role)}
+            if role == CHANNELS_ROLE:  # its bins are signed by the same keys
+                inner = signed[role].signed
+                for keyid in revoked:
+                    inner.revoke_key(keyid)
+                for key in created:
+                    inner.add_key(key.public)
+                bins = self._bins()
+                if inner.delegations is not None and inner.delegations.succinct_roles:
+                    inner.delegations.succinct_roles.threshold = wanted
+                signed.update({name: self.targets(name) for name in bins.get_roles()})
+            self._publish(cast("Metadata[Targets]", delegator_md), signed)
         else:
             previous = self.root()
             self._write_root(cast("Metadata[Root]", delegator_md), previous=previous)
@@ -723,13 +781,8 @@ class Repository:
             if not first:
                 md.signed.version += 1
             md.signed.expires = self._expires(role)
-            if role == "targets":
-                delegation = root.roles["targets"]
-            else:
-                if top.delegations is None or top.delegations.roles is None:
-                    raise RefusedError("targets has no delegations; the repository is damaged")
-                delegation = top.delegations.roles[role]
-            self._sign(md, list(delegation.keyids), delegation.threshold, role)
+            keyids, threshold = self._signing_keys(role, root, top, delegated)
+            self._sign(md, keyids, threshold, role)
             data = md.to_bytes(JSONSerializer(compact=True))
             _write_atomic(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
             snapshot.signed.meta[f"{role}.json"] = _meta_file(md.signed.version, data)
@@ -737,6 +790,27 @@ class Repository:
             snapshot.signed.version += 1
         snapshot.signed.expires = self._expires("snapshot")
         self._publish_timestamp(snapshot, sign_snapshot=True, first=first)
+
+    def _signing_keys(
+        self, role: str, root: Root, top: Targets, delegated: dict[str, Metadata[Targets]]
+    ) -> tuple[list[str], int]:
+        """The keyids and threshold that sign ``role``: from root, targets' delegations, or
+        (a device pointer bin) the channels role's succinct delegation."""
+        if role == "targets":
+            return list(root.roles["targets"].keyids), root.roles["targets"].threshold
+        if top.delegations is None or top.delegations.roles is None:
+            raise RefusedError("targets has no delegations; the repository is damaged")
+        if role in top.delegations.roles:
+            delegation = top.delegations.roles[role]
+            return list(delegation.keyids), delegation.threshold
+        channels = delegated.get(CHANNELS_ROLE) or self.targets(CHANNELS_ROLE)
+        inner = channels.signed.delegations
+        if inner is None or inner.succinct_roles is None:
+            raise RefusedError(f"no delegation signs {role!r}; the repository is damaged")
+        bins = inner.succinct_roles
+        if not bins.is_delegated_role(role):
+            raise RefusedError(f"no delegation signs {role!r}; the repository is damaged")
+        return list(bins.keyids), bins.threshold
 
     def _publish_timestamp(
         self, snapshot: Metadata[Snapshot], *, sign_snapshot: bool = False, first: bool = False

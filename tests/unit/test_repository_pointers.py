@@ -43,13 +43,57 @@ def test_point_devices_lists_one_pointer_per_device_in_one_publish(repo: Reposit
     pointers = repo.point_devices(["kiosk-1", "kiosk-2"], CHANNEL, "tiny", "2.0.0")
     assert [p.device_id for p in pointers] == ["kiosk-1", "kiosk-2"]
     assert repo.timestamp().signed.version == before + 1
-    listed = repo.targets(CHANNELS_ROLE).signed.targets
-    assert device_pointer_path("kiosk-1", CHANNEL) in listed
+    # Each pointer sits in its hash bin, not in the channels role: a device downloads only
+    # its own bin.
+    path = device_pointer_path("kiosk-1", CHANNEL)
+    assert path not in repo.targets(CHANNELS_ROLE).signed.targets
+    assert path in repo.targets(bin_of(repo, path)).signed.targets
     assert sorted(p.device_id for p in repo.device_pointers()) == ["kiosk-1", "kiosk-2"]
     assert {p.base.version for p in repo.device_pointers()} == {"2.0.0"}
     # The group pointer is untouched: devices outside the wave keep 1.0.0.
     (group,) = repo.channels()
     assert (group.group, group.base.version) == ("lab", "1.0.0")
+
+
+def bin_of(repo: Repository, path: str) -> str:
+    delegations = repo.targets(CHANNELS_ROLE).signed.delegations
+    assert delegations is not None
+    assert delegations.succinct_roles is not None
+    return delegations.succinct_roles.get_role_for_target(path)
+
+
+def bin_versions(repo: Repository) -> dict[str, int]:
+    meta = repo.snapshot().signed.meta
+    return {k.removesuffix(".json"): v.version for k, v in meta.items() if k.startswith("devices-")}
+
+
+def test_the_channels_role_delegates_device_pointers_to_64_signed_bins(repo: Repository) -> None:
+    channels = repo.targets(CHANNELS_ROLE)
+    before = bin_versions(repo)
+    assert len(before) == 64
+    devices = [f"kiosk-{i}" for i in range(40)]
+    repo.point_devices(devices, CHANNEL, "tiny", "2.0.0")
+    after = bin_versions(repo)
+    touched = {bin_of(repo, device_pointer_path(d, CHANNEL)) for d in devices}
+    assert {b for b in after if after[b] != before[b]} == touched  # only their bins change
+    for name in touched:
+        md = repo.targets(name)
+        channels.verify_delegate(name, md)  # signed with the channels key
+        assert all(bin_of(repo, path) == name for path in md.signed.targets)
+
+
+def test_rotating_the_channels_key_re_signs_the_bins(repo: Repository) -> None:
+    repo.point_devices(["kiosk-1"], CHANNEL, "tiny", "2.0.0")
+    (new_key,) = repo.rotate(CHANNELS_ROLE)
+    channels = repo.targets(CHANNELS_ROLE)
+    name = bin_of(repo, device_pointer_path("kiosk-1", CHANNEL))
+    assert channels.signed.delegations is not None
+    assert channels.signed.delegations.succinct_roles is not None
+    assert channels.signed.delegations.succinct_roles.keyids == [new_key]
+    channels.verify_delegate(name, repo.targets(name))
+    repo.point_devices(["kiosk-2"], CHANNEL, "tiny", "2.0.0")  # the new key signs on
+    other = bin_of(repo, device_pointer_path("kiosk-2", CHANNEL))
+    channels.verify_delegate(other, repo.targets(other))
 
 
 def test_pointing_again_at_the_same_release_publishes_nothing(repo: Repository) -> None:

@@ -16,9 +16,11 @@ inference engine must get the cores the moment a request arrives.
 Handlers:
 
 - train: runs :func:`agent.federated.local.train_round` from the adapter the server sent
-  and returns the new adapter. Mods on the train handler only: SecAgg+ (when the server
-  runs the SecAgg+ workflow; it masks the update) around client-side fixed clipping (the
-  update ``new - sent`` is clipped to the run's L2 norm before it is masked).
+  and returns the new adapter. The anchor term is on by default (:data:`DEVICE_DEFAULTS`):
+  the model first writes its anchor texts (16 x 128 tokens). Mods on the train handler
+  only: SecAgg+ (when the server runs the SecAgg+ workflow; it masks the update) around
+  client-side fixed clipping (the update ``new - sent`` is clipped to the run's L2 norm
+  before it is masked).
 - evaluate: held-out perplexity on the device's held-out split, base and with the adapter.
 
 What leaves the device: the adapter arrays (clipped, masked), example counts, and the
@@ -50,25 +52,39 @@ from agent.federated.local import (
 )
 from agent.federated.trainer import Adapter, TrainConfig
 
-__all__ = ["app", "feature_config_from", "train_config_from"]
+__all__ = ["DEVICE_DEFAULTS", "app", "feature_config_from", "train_config_from"]
 
 Array = np.ndarray[Any, Any]
 Scalar = bool | bytes | float | int | str
 
 
+#: Training settings a device applies unless the round's config names them: the anchor
+#: term that keeps the adapter off text of other kinds (general text got 10-40 % worse
+#: without it when the domain perplexity fell by 15-25 %).
+DEVICE_DEFAULTS: dict[str, Scalar] = {"anchor_weight": 100.0, "anchor_rows": 64}
+
+
 def train_config_from(config: dict[str, Scalar]) -> TrainConfig:
-    """The local training settings the server sent (unknown keys are ignored)."""
+    """The local training settings the server sent over :data:`DEVICE_DEFAULTS` (unknown
+    keys are ignored).
+
+    Raises:
+        pydantic.ValidationError: a value is out of range; the message names the field.
+    """
     fields = {
         "epochs": "epochs",
         "learning-rate": "learning_rate",
         "batch-rows": "batch_rows",
         "check-rows": "check_rows",
         "l2": "l2",
+        "anchor-weight": "anchor_weight",
+        "anchor-rows": "anchor_rows",
         "max-steps": "max_steps",
         "max-compute-s": "max_compute_s",
         "seed": "seed",
     }
-    return TrainConfig.model_validate({fields[k]: v for k, v in config.items() if k in fields})
+    sent = {fields[k]: v for k, v in config.items() if k in fields}
+    return TrainConfig.model_validate({**DEVICE_DEFAULTS, **sent})
 
 
 def feature_config_from(config: dict[str, Scalar]) -> FeatureConfig:

@@ -14,6 +14,11 @@ Invariants:
   Each window is a fresh sequence for the model (position 0, no cache).
 - At most ``max_rows`` positions are produced; memory is ``max_rows x hidden`` float32.
 - Deterministic: the same texts and model give the same arrays.
+
+Anchor positions (:func:`sample_anchor`) are the hidden states of texts the frozen model
+writes itself from its start token (temperature 1, seeded): text of the kind the model
+produces when no domain is in play, which the trainer's anchor term keeps unchanged. They
+need no data beyond the model, so every device of a group can make the same ones.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "LmHeadSource",
     "extract_features",
     "load_lm_head",
+    "sample_anchor",
 ]
 
 Array = np.ndarray[Any, Any]
@@ -45,6 +51,15 @@ class HiddenStateModel(Protocol):
     def forward_hidden(self, ids: Sequence[int]) -> Array:
         """Final-norm hidden states, float32 ``[len(ids), hidden]``, of one sequence that
         starts at position 0 with no cache and no adapter."""
+        ...
+
+
+class TextSampler(Protocol):
+    """The runtime's sampler, seen from the trainer (``LocalModel`` wraps the ``Engine``)."""
+
+    def sample(self, prompt: Sequence[int], *, max_tokens: int, seed: int) -> list[int]:
+        """Token ids the model samples after ``prompt`` (temperature 1), at most
+        ``max_tokens``, fewer when it ends the text."""
         ...
 
 
@@ -102,6 +117,42 @@ def extract_features(
         hs.append(h.astype(np.float32, copy=False))
         ys.append(np.asarray(targets, dtype=np.int64))
     return Features(h=np.concatenate(hs), y=np.concatenate(ys))
+
+
+def sample_anchor(
+    model: HiddenStateModel,
+    sampler: TextSampler,
+    *,
+    start: Sequence[int],
+    samples: int,
+    tokens: int,
+    seed: int,
+) -> Array:
+    """Hidden states float32 ``[M, hidden]`` of ``samples`` texts the model writes after
+    ``start``, each at most ``tokens`` long (sample ``i`` seeded ``seed + i``); every
+    position of each text (its start included) is one row.
+
+    Raises:
+        TrainingInputError: ``samples`` or ``tokens`` < 1, an empty ``start``, or the model
+            returned a wrongly shaped or non-finite array.
+    """
+    if samples < 1 or tokens < 1 or not start:
+        raise TrainingInputError(
+            f"an anchor needs samples >= 1, tokens >= 1 and a start token; got {samples}, "
+            f"{tokens}, {list(start)}"
+        )
+    hs: list[Array] = []
+    for i in range(samples):
+        ids = [*start, *sampler.sample(start, max_tokens=tokens, seed=seed + i)]
+        h = np.asarray(model.forward_hidden(ids))
+        if h.ndim != 2 or h.shape[0] != len(ids) or (hs and h.shape[1] != hs[0].shape[1]):
+            raise TrainingInputError(
+                f"the model returned hidden states of shape {h.shape} for {len(ids)} tokens"
+            )
+        if not np.isfinite(h).all():
+            raise TrainingInputError("the model returned NaN or infinite hidden states")
+        hs.append(h.astype(np.float32, copy=False))
+    return np.concatenate(hs)
 
 
 def load_lm_head(source: LmHeadSource, *, vocab: int, hidden: int) -> Array:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,7 @@ import numpy as np
 
 from agent.errors import TrainingInputError
 from agent.federated.datastore import LocalTextStore, Split
-from agent.federated.features import Features, extract_features
+from agent.federated.features import Features, extract_features, sample_anchor
 from agent.federated.lm_head import read_lm_head
 from agent.federated.trainer import (
     Adapter,
@@ -39,9 +39,11 @@ from agent.federated.trainer import (
     evaluate,
     train,
 )
+from agent.runtime import SamplingParams
 from agent.runtime.engine import Engine
 
 __all__ = [
+    "AnchorConfig",
     "FeatureConfig",
     "LocalModel",
     "RoundReport",
@@ -60,6 +62,15 @@ class FeatureConfig:
 
     window: int = 128  # tokens per forward pass
     max_rows: int = 20_000  # positions per split
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """The anchor texts the base model writes for the trainer's anchor term."""
+
+    samples: int = 16  # texts
+    tokens: int = 128  # tokens per text, at most
+    seed: int = 0  # the same texts on every device and in every round
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,28 @@ class LocalModel:
             window=config.window,
             separator=self.separator,
             max_rows=config.max_rows,
+        )
+
+    def sample(self, prompt: Sequence[int], *, max_tokens: int, seed: int) -> list[int]:
+        """Token ids the base model samples after ``prompt`` at temperature 1."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed)
+        generation = self.engine.generate(prompt, params)
+        for _ in generation:
+            pass
+        return list(generation.token_ids)
+
+    def anchor(self, config: AnchorConfig) -> Array:
+        """Hidden states of the anchor texts, started from the model's BOS token (or its
+        end-of-text token when it has none)."""
+        info = self.engine.info
+        start = info.bos_token_id if info.bos_token_id is not None else info.eos_token_ids[0]
+        return sample_anchor(
+            self.engine,
+            self,
+            start=[start],
+            samples=config.samples,
+            tokens=config.tokens,
+            seed=config.seed,
         )
 
     def check_adapter(self, adapter: Adapter) -> None:
@@ -192,8 +225,11 @@ def train_round(
     features: FeatureConfig,
     *,
     checkpoint: Checkpoint | None = None,
+    anchor: AnchorConfig = AnchorConfig(),
 ) -> RoundReport:
     """Train ``start`` on the device's train split; return start + delta and numbers.
+
+    With a positive ``config.anchor_weight`` the model first writes the anchor texts.
 
     Raises:
         TrainingInputError: the adapter does not fit the model, or too little local data.
@@ -201,7 +237,8 @@ def train_round(
     """
     model.check_adapter(start)
     data = model.features(local_texts(data_path, Split.TRAIN), features)
-    result = train(data.h, data.y, model.w, start, config, checkpoint=checkpoint)
+    anchor_h = model.anchor(anchor) if config.anchor_weight > 0 else None
+    result = train(data.h, data.y, model.w, start, config, checkpoint=checkpoint, anchor=anchor_h)
     adapter = Adapter(
         a=(start.a + result.delta.a).astype(np.float32),
         b=(start.b + result.delta.b).astype(np.float32),

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from agent.errors import ConfigError, ModelError, TrainingInputError
-from agent.federated.client_app import feature_config_from, train_config_from
+from agent.federated.client_app import DEVICE_DEFAULTS, feature_config_from, train_config_from
 from agent.federated.datastore import LocalTextStore, Source
 from agent.federated.lm_head import read_lm_head
 from agent.federated.local import (
+    AnchorConfig,
     FeatureConfig,
     LocalModel,
     evaluate_round,
@@ -65,6 +66,23 @@ def test_a_local_round_lowers_heldout_perplexity(tiny_model_dir: Path, device_st
     assert metrics["perplexity"] < 0.9 * metrics["base_perplexity"]
 
 
+def test_a_local_round_with_the_anchor_term_samples_the_anchor_from_the_model(
+    tiny_model_dir: Path, device_store: Path
+) -> None:
+    model = LocalModel(tiny_model_dir)
+    anchor = AnchorConfig(samples=3, tokens=12, seed=5)
+    states = model.anchor(anchor)
+    assert states.shape[1] == model.engine.hidden_size
+    assert 3 <= states.shape[0] <= 3 * 13
+    np.testing.assert_array_equal(states, model.anchor(anchor))  # seeded: every device agrees
+    start = init_adapter(model.engine.hidden_size, model.engine.vocab_size, 4, seed=1)
+    features = FeatureConfig(window=64, max_rows=2000)
+    config = TrainConfig(epochs=3, batch_rows=64, learning_rate=0.03, anchor_weight=1.0)
+    report = train_round(model, device_store, start, config, features, anchor=anchor)
+    _, _, metrics = evaluate_round(model, device_store, report.adapter, features)
+    assert metrics["perplexity"] < 0.9 * metrics["base_perplexity"]
+
+
 def test_an_adapter_that_does_not_fit_the_model_is_refused(
     tiny_model_dir: Path, device_store: Path
 ) -> None:
@@ -78,6 +96,8 @@ def test_round_settings_from_the_server_are_validated() -> None:
     config = train_config_from({"epochs": 2, "learning-rate": 0.5, "clipping_norm": 1.0})
     assert config.epochs == 2
     assert config.learning_rate == 0.5
+    assert config.anchor_weight == DEVICE_DEFAULTS["anchor_weight"]  # on unless the server says
+    assert train_config_from({"anchor-weight": 0.0, "check-rows": 8}).anchor_weight == 0.0
     with pytest.raises(ValueError, match="epochs"):
         train_config_from({"epochs": 0})
     assert feature_config_from({"window": 32}) == FeatureConfig(window=32)

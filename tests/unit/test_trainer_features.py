@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.errors import TrainingInputError
-from agent.federated.features import extract_features, load_lm_head
+from agent.federated.features import extract_features, load_lm_head, sample_anchor
 
 
 class _EchoModel:
@@ -89,3 +89,31 @@ def test_lm_head_is_checked_for_shape_and_values() -> None:
         load_lm_head(_Head(np.ones((3, 7))), vocab=7, hidden=3)
     with pytest.raises(TrainingInputError, match="NaN"):
         load_lm_head(_Head(np.full((7, 3), np.inf)), vocab=7, hidden=3)
+
+
+class _CountingSampler:
+    """Writes ``seed`` repeated, one token shorter each time (a text that ends early)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[int], int, int]] = []
+
+    def sample(self, prompt: Sequence[int], *, max_tokens: int, seed: int) -> list[int]:
+        self.asked.append((list(prompt), max_tokens, seed))
+        return [seed] * (max_tokens - len(self.asked) + 1)
+
+
+def test_anchor_rows_are_every_position_of_seeded_samples_after_the_start_token() -> None:
+    model, sampler = _EchoModel(), _CountingSampler()
+    h = sample_anchor(model, sampler, start=[7], samples=2, tokens=3, seed=40)
+    assert sampler.asked == [([7], 3, 40), ([7], 3, 41)]
+    assert model.calls == [[7, 40, 40, 40], [7, 41, 41]]
+    np.testing.assert_array_equal(h[:, 0], [7, 40, 40, 40, 7, 41, 41])
+    assert h.dtype == np.float32
+
+
+@pytest.mark.parametrize(("samples", "tokens", "start"), [(0, 3, [7]), (2, 0, [7]), (2, 3, [])])
+def test_bad_anchor_requests_are_refused(samples: int, tokens: int, start: list[int]) -> None:
+    with pytest.raises(TrainingInputError, match="an anchor needs"):
+        sample_anchor(
+            _EchoModel(), _CountingSampler(), start=start, samples=samples, tokens=tokens, seed=0
+        )

@@ -52,7 +52,7 @@ from coordinator.settings import CoordinatorSettings, MqttSettings, load_setting
 from coordinator.web.api import API_PREFIX, api_router
 from coordinator.web.app import Health, WebContext, create_app
 from coordinator.web.dashboard import dashboard_router
-from protocol.bundle import bundle_hash
+from protocol.bundle import BundleManifest, bundle_hash
 from protocol.exitcodes import ExitCode
 
 __all__ = ["Coordinator", "serve_command"]
@@ -135,27 +135,29 @@ def _wave_publisher(settings: CoordinatorSettings, ingestor: Ingestor | None) ->
     return PointerPublisher(repository, announce, channel=settings.channel)
 
 
-def _release_check(settings: CoordinatorSettings) -> Callable[[ReleaseView], None] | None:
-    """With ``keys``, a rollout's release must be signed into the served repository (its
-    waves point devices at it there); without, devices follow group pointers only."""
-    if settings.keys is None:
-        return None
-    repository = Repository(settings.repository_path)
+class _RepositoryReleases:
+    """The releases of the served repository (with ``keys``, rollouts point devices there)."""
 
-    def check(release: ReleaseView) -> None:
-        published = repository.find(release.name, release.version)
+    def __init__(self, path: Path) -> None:
+        self._repository = Repository(path)
+        self._path = path
+
+    def manifest(self, name: str, version: str) -> BundleManifest | None:
+        published = self._repository.find(name, version)
+        return published.manifest if published is not None else None
+
+    def check(self, release: ReleaseView) -> None:
+        published = self._repository.find(release.name, release.version)
         if published is None:
             raise ConflictError(
                 f"release {release.name} {release.version} is not in the repository "
-                f"{settings.repository_path}; sign it with `nanofleet release add-bundle`"
+                f"{self._path}; sign it with `nanofleet release add-bundle`"
             )
         if bundle_hash(published.manifest) != release.bundle_sha256:
             raise ConflictError(
                 f"release {release.name} {release.version} in the repository is not the "
                 "registered bundle (their bundle hashes differ)"
             )
-
-    return check
 
 
 class Coordinator:
@@ -196,7 +198,15 @@ class Coordinator:
                 metrics=self.metrics,
                 health=self.health,
                 routers=(
-                    api_router(self.registry, token, release_check=_release_check(settings)),
+                    api_router(
+                        self.registry,
+                        token,
+                        published=(
+                            _RepositoryReleases(settings.repository_path)
+                            if settings.keys is not None
+                            else None
+                        ),
+                    ),
                     dashboard_router(self.registry, token),
                 ),
                 openapi_url=f"{API_PREFIX}/openapi.json",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.security import HTTPBearer
@@ -42,6 +42,7 @@ from coordinator.rollout.policy import (
 )
 from coordinator.web.auth import TokenCheck
 from coordinator.web.encode import jsonable, release_json, rollout_json, round_json
+from protocol.bundle import BundleManifest
 from protocol.messages import Health
 
 __all__ = ["API_PREFIX", "ActionRequest", "RollbackRequest", "RolloutRequest", "api_router"]
@@ -175,7 +176,21 @@ def _thresholds(failure: float, regression: float | None, timeout_s: int) -> Thr
     return _call(lambda: Thresholds(failure, regression, timeout_s), "thresholds")
 
 
-def _release_id(registry: Registry, release: str) -> int:
+class PublishedReleases(Protocol):
+    """The signed releases devices can install (the served repository)."""
+
+    def manifest(self, name: str, version: str) -> BundleManifest | None:
+        """The signed manifest of ``name`` ``version``, or None if it is not published."""
+
+    def check(self, release: ReleaseView) -> None:
+        """Raise :class:`ConflictError` when devices could not install ``release``."""
+
+
+def _release_id(
+    registry: Registry, release: str, published: PublishedReleases | None, actor: str
+) -> int:
+    """The registry id of ``release``; a NAME:VERSION the registry does not know yet but the
+    repository publishes is registered from its signed manifest."""
     if release.isdigit():
         return int(release)
     match = _RELEASE_RE.fullmatch(release)
@@ -185,21 +200,27 @@ def _release_id(registry: Registry, release: str) -> int:
             "release",
             f"release {release!r} is neither an id nor NAME:VERSION",
         )
-    found = _call(lambda: registry.find_release(match["name"], match["version"]), "release")
-    return found.id
+    name, version = match["name"], match["version"]
+    try:
+        return registry.find_release(name, version).id
+    except NotFoundError:
+        manifest = published.manifest(name, version) if published is not None else None
+        if manifest is None:
+            raise
+    created = _call(lambda: registry.create_release(manifest, actor=actor), "release")
+    return created.id
 
 
 def api_router(
     registry: Registry,
     token: str,
     *,
-    release_check: Callable[[ReleaseView], None] | None = None,
+    published: PublishedReleases | None = None,
 ) -> APIRouter:
     """The ``/api/v1`` routes over ``registry``, guarded by ``token``.
 
-    ``release_check`` is asked before a rollout is created and raises
-    :class:`ConflictError` when devices could not install the release (e.g. it is not
-    signed into the repository the rollout's pointers name).
+    With ``published`` (the served repository), a rollout's release must be published
+    there, and one the registry does not know yet is registered from its signed manifest.
     """
     # HTTPBearer (not enforcing) only declares the scheme in the OpenAPI document.
     declared = HTTPBearer(auto_error=False, description="The operator token.")
@@ -256,10 +277,10 @@ def api_router(
             raise _error(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, _field_of(str(e), "selector"), str(e)
             ) from e
-        release_id = _release_id(registry, body.release)
-        if release_check is not None:
+        release_id = _call(lambda: _release_id(registry, body.release, published, actor), "release")
+        if published is not None:
             release = _call(lambda: registry.get_release(release_id), "release")
-            _call(lambda: release_check(release), "release")
+            _call(lambda: published.check(release), "release")
         spec = RolloutSpec(
             release_id=release_id,
             selector=selector,

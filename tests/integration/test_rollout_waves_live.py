@@ -118,14 +118,13 @@ class Scene:
         self.factory = ""
 
     def add(self, bundle_dir: Path) -> BundleManifest:
-        """Sign the bundle into the repository (no pointer moves) and register the release."""
+        """Sign the bundle into the repository (no pointer moves). The rollout registers
+        the release from the repository's signed manifest."""
         self.repo.cli(
             "release", "add-bundle", str(bundle_dir),
             "--repo", str(self.repo.path), "--keys", str(self.repo.keys),
         )  # fmt: skip
-        manifest = manifest_of(bundle_dir)
-        self.coordinator.registry.create_release(manifest, actor="test")
-        return manifest
+        return manifest_of(bundle_dir)
 
     def versions(self) -> dict[str, str | None]:
         out = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -47,6 +48,7 @@ from coordinator.federation.superlink import FlowerCli
 from coordinator.registry import (
     DeviceFilter,
     NotFoundError,
+    Online,
     Registry,
     RoundMetricView,
     RoundView,
@@ -141,6 +143,12 @@ def plan_noise(
         raise _Usage("epsilon", str(e)) from e
 
 
+def default_cohort(counts: Mapping[Online, int]) -> int:
+    """Devices per round when not given: the group's online devices (a round waits for its
+    whole cohort to connect), or all registered ones when none is known to be online."""
+    return counts.get(Online.ONLINE, 0) or sum(counts.values())
+
+
 def _federation(settings: CoordinatorSettings) -> FederationSettings:
     if settings.federation is None:
         raise ConfigError(
@@ -226,7 +234,9 @@ def round_start(
     delta: Annotated[float, typer.Option(help="The delta of (epsilon, delta)-DP.")] = 1e-5,
     cohort: Annotated[
         int | None,
-        typer.Option(help="Devices per round (default: every registered device of the group)."),
+        typer.Option(
+            help="Devices per round (default: the group's online devices, else all of them)."
+        ),
     ] = None,
     min_nodes: Annotated[
         int | None,
@@ -314,10 +324,17 @@ def round_start(
         out.fail(ExitCode.CONFIG, "config", str(e))
     registry = _open(settings, out)
     try:
-        members = sum(registry.count_devices(DeviceFilter(group=group)).values())
+        counts = registry.count_devices(DeviceFilter(group=group))
+        members = sum(counts.values())
         if members == 0:
             out.fail(ExitCode.BAD_INPUT, "group", f"unknown group {group!r}: no registered devices")
-        size = cohort or members
+        if cohort is not None and cohort > members:
+            out.fail(
+                ExitCode.USAGE,
+                "cohort",
+                f"{cohort} exceeds the group's {members} registered devices",
+            )
+        size = cohort or default_cohort(counts)
         try:
             spec = RunSpec(
                 round_id=round_id or f"{group}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}",

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from coordinator import round_cli
 from coordinator.cli import app
-from coordinator.registry import Registry, open_registry
+from coordinator.registry import Online, Registry, open_registry
 from coordinator.web.dashboard import dashboard_router
 from protocol.exitcodes import ExitCode
 from tests.support.coordinator_http import http_server
@@ -279,3 +279,24 @@ def test_a_round_in_text_mode_shows_each_round_and_what_was_published(
     assert "round 2: 3 devices, loss 1" in result.output
     assert "published alpha-adapter alpha-9" in result.output
     assert "the alpha group's channel points at it" in result.output
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ({Online.ONLINE: 2, Online.OFFLINE: 1}, 2),  # a round waits for its whole cohort
+        ({Online.UNKNOWN: 3}, 3),  # no liveness known (no broker): every registered device
+        ({Online.ONLINE: 0, Online.OFFLINE: 4}, 4),
+    ],
+)
+def test_the_default_cohort_is_the_online_devices(counts: dict[Online, int], expected: int) -> None:
+    assert round_cli.default_cohort(counts) == expected
+
+
+def test_start_refuses_a_cohort_larger_than_the_group(setup: Setup) -> None:
+    result = invoke(
+        "start", "--group", "alpha", "--cohort", "4", "--config", str(setup.config), "--json"
+    )
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert as_json(result)["field"] == "cohort"
+    assert "exceeds the group's 3 registered devices" in as_json(result)["message"]

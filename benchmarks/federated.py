@@ -85,6 +85,8 @@ def fedavg(
     z: float,
     config: TrainConfig,
     seed: int,
+    anchor: Array | None = None,
+    log: list[dict[str, Any]] | None = None,
 ) -> Adapter:
     """The ServerApp's protocol in process: sample, train, clip, average, add noise."""
     rng = np.random.default_rng(seed)
@@ -93,39 +95,72 @@ def fedavg(
         chosen = rng.choice(len(devices), size=cohort, replace=False)
         sum_a = np.zeros_like(current.a)
         sum_b = np.zeros_like(current.b)
+        norms, compute = [], []
         for i in chosen:
             data = devices[i]
             local = config.model_copy(update={"seed": seed * 1000 + r * 100 + int(i)})
-            delta = train(data.h, data.y, w, current, local).delta
+            result = train(data.h, data.y, w, current, local, anchor=anchor)
+            delta = result.delta
             norm = math.sqrt(float(np.sum(delta.a**2) + np.sum(delta.b**2)))
             scale = min(1.0, clip / norm) if norm > 0 else 1.0
             sum_a += delta.a * scale
             sum_b += delta.b * scale
+            norms.append(round(norm, 2))
+            compute.append(round(result.compute_s, 1))
         std = z * clip / cohort
         noise_a = rng.normal(0.0, std, size=current.a.shape).astype(np.float32)
         noise_b = rng.normal(0.0, std, size=current.b.shape).astype(np.float32)
         current = Adapter(
             a=current.a + sum_a / cohort + noise_a, b=current.b + sum_b / cohort + noise_b
         )
+        if log is not None:
+            log.append({"round": r + 1, "update_norms": norms, "compute_s": compute})
     return current
 
 
+#: What a device runs per round in the utility part: one pass of at most 60 minibatches of
+#: 128 positions plus 64 anchor positions each, Adam at 0.003 (about 10 s of one core).
+UTILITY_CONFIG = TrainConfig(
+    epochs=1,
+    batch_rows=128,
+    max_steps=60,
+    learning_rate=0.003,
+    anchor_weight=100.0,
+    anchor_rows=64,
+)
+
+
 def utility_part(
-    model_dir: Path, *, rounds: int, seeds: int, rank: int, max_chars: int, clip: float
+    model_dir: Path,
+    *,
+    rounds: int,
+    seeds: int,
+    rank: int,
+    max_chars: int,
+    train_rows: int,
+    clip: float,
+    epsilons: list[str],
+    anchor_weight: float,
 ) -> dict[str, Any]:
-    engine = Engine.load(model_dir, threads=2)
-    w = read_lm_head(model_dir)
+    from agent.federated.local import AnchorConfig, LocalModel
+
+    model = LocalModel(model_dir, threads=2)
+    engine, w = model.engine, model.w
     slices = device_slices("alpha", devices=3, max_chars=max_chars)
     began = time.perf_counter()
-    train_sets = [features_of(engine, s.train_texts(), 6000) for s in slices]
-    heldouts = [features_of(engine, s.heldout_texts(), 2000) for s in slices]
+    train_sets = [features_of(engine, s.train_texts(), train_rows) for s in slices]
+    heldouts = [features_of(engine, s.heldout_texts(), 20_000) for s in slices]
     general = features_of(engine, general_heldout(max_chars=12_000), 3000)
     features_s = time.perf_counter() - began
-    config = TrainConfig(epochs=2, batch_rows=128, learning_rate=0.03, l2=0.0)
+    config = UTILITY_CONFIG.model_copy(update={"anchor_weight": anchor_weight})
+    began = time.perf_counter()
+    anchor = model.anchor(AnchorConfig()) if anchor_weight > 0 else None
+    anchor_s = time.perf_counter() - began
     base_dev = [evaluate(h.h, h.y, w).perplexity for h in heldouts]
     base_gen = evaluate(general.h, general.y, w).perplexity
     table: dict[str, Any] = {}
-    for label, target in (("inf", math.inf), ("8", 8.0), ("2", 2.0)):
+    for label in epsilons:
+        target = float(label)
         z = (
             0.0
             if math.isinf(target)
@@ -133,11 +168,12 @@ def utility_part(
         )
         dev_ratios: list[list[float]] = []
         gen_ratios: list[float] = []
+        log: list[dict[str, Any]] = []
         for seed in range(seeds):
             start = init_adapter(engine.hidden_size, engine.vocab_size, rank, seed=seed)
             final = fedavg(
                 train_sets, w, start, rounds=rounds, cohort=3, clip=clip, z=z,
-                config=config, seed=seed,
+                config=config, seed=seed, anchor=anchor, log=log,
             )  # fmt: skip
             dev_ratios.append(
                 [
@@ -153,6 +189,7 @@ def utility_part(
             epsilon(noise_multiplier=z, sampling_rate=1.0, rounds=rounds, delta=DELTA),
             "heldout_ppl_change_pct": [round(100 * (r - 1), 2) for r in per_device],
             "general_ppl_change_pct": round(100 * (median(gen_ratios) - 1), 2),
+            "rounds_log": log,
         }  # fmt: skip
         print(f"real model, 3 devices, epsilon {label}: {table[label]}", flush=True)
     return {
@@ -161,11 +198,15 @@ def utility_part(
         "rounds": rounds,
         "seeds": seeds,
         "clip": clip,
+        "max_chars": max_chars,
+        "local_config": config.model_dump(),
         "train_rows": [int(t.y.shape[0]) for t in train_sets],
         "heldout_rows": [int(h.y.shape[0]) for h in heldouts],
+        "anchor_rows": 0 if anchor is None else int(anchor.shape[0]),
         "base_heldout_ppl": [round(b, 2) for b in base_dev],
         "base_general_ppl": round(base_gen, 2),
         "features_s": round(features_s, 1),
+        "anchor_s": round(anchor_s, 1),
         "table": table,
     }
 
@@ -406,7 +447,14 @@ def main() -> None:
     parser.add_argument("--cohort-seeds", type=int, default=3)
     parser.add_argument("--population", type=int, default=300)
     parser.add_argument("--cohort", type=int, default=60)
-    parser.add_argument("--max-chars", type=int, default=30_000)
+    parser.add_argument("--max-chars", type=int, default=150_000, help="per device slice")
+    parser.add_argument("--train-rows", type=int, default=20_000, help="positions per device")
+    parser.add_argument("--clip", type=float, default=25.0, help="L2 clip of an update")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--anchor-weight", type=float, default=UTILITY_CONFIG.anchor_weight)
+    parser.add_argument(
+        "--epsilons", nargs="+", default=["inf", "8", "2"], help="rows of the DP table"
+    )
     parser.add_argument("--flower-runs", type=int, default=1)
     parser.add_argument("--flower-rounds", type=int, default=2)
     parser.add_argument("--yield-repeats", type=int, default=5)
@@ -427,8 +475,9 @@ def main() -> None:
     figures: dict[str, Any] = {}
     if "utility" not in args.skip:
         figures["utility"] = utility_part(
-            real_dir, rounds=args.rounds, seeds=args.seeds, rank=4,
-            max_chars=args.max_chars, clip=5.0,
+            real_dir, rounds=args.rounds, seeds=args.seeds, rank=args.rank,
+            max_chars=args.max_chars, train_rows=args.train_rows, clip=args.clip,
+            epsilons=args.epsilons, anchor_weight=args.anchor_weight,
         )  # fmt: skip
     if "cohort" not in args.skip:
         figures["cohort"] = cohort_part(

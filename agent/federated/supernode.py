@@ -146,6 +146,12 @@ class SuperNode:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # The SuperNode starts `flower-superexec` (and the ClientApp) by name: the ones
+        # installed beside this Python, even when its bin directory is not on PATH.
+        bin_dir = str(Path(sys.executable).parent)
+        path = env.get("PATH", os.defpath)
+        if bin_dir not in path.split(os.pathsep):
+            env["PATH"] = os.pathsep.join([bin_dir, path])
         env.update(
             FLWR_HOME=str(self.config.state_dir / "flwr-home"),
             FLWR_TELEMETRY_ENABLED="0",

@@ -8,6 +8,11 @@ agent connects to mosquitto
 under mTLS with the provisioned certificate, the coordinator's ingestion writes its status
 into the registry, and a release announced afterwards is verified against the pinned root,
 installed, and reported back. Nothing sleeps: every wait is on a condition.
+
+The device is provisioned for federated rounds too: enrollment creates its SuperNode key
+pair (private key 0600), and every file deploy/systemd/nanofleet-supernode.service loads
+as a credential is where the unit expects it (but the SuperExec secret, which the operator
+makes), and the settings the unit's environment rewrites name those credentials.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import grp
 import os
 import shutil
+import stat
 import sys
 import time
 import tomllib
@@ -25,6 +31,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli import app as agent_cli
+from agent.config import load_settings
 from coordinator import pki
 from coordinator.cli import app as nanofleet
 from coordinator.mqtt import BrokerOptions, Ingestor, TlsFiles
@@ -54,6 +61,8 @@ def wait_for(
 
 
 UNIT = REPO / "deploy" / "systemd" / "nanofleet-agent.service"
+SUPERNODE_UNIT = REPO / "deploy" / "systemd" / "nanofleet-supernode.service"
+SUPERLINK = "fleet.example.net:9092"
 INSTALL_DIR = "/etc/nanofleet"
 INSTALLED_BIN = "/opt/nanofleet/venv/bin"
 
@@ -95,6 +104,47 @@ def unit_stand_in(dest: Path, credentials: Path) -> tuple[list[str], dict[str, s
     assert Path(config["server"]["socket_path"]).parent == Path(f"/run/{runtime}")
     assert config["server"]["socket_group"] == group
     return argv, env
+
+
+def check_supernode_files(dest: Path, credentials: Path) -> None:
+    """The SuperNode unit's credentials exist after enrollment (the SuperExec secret is the
+    operator's), the node key is private, and the settings with the unit's environment load
+    and point at the credentials."""
+    sections = parse_unit(SUPERNODE_UNIT.read_text())["Service"]
+    assert stat.S_IMODE((dest / "flower").stat().st_mode) == 0o750
+    assert stat.S_IMODE((dest / "flower" / "supernode.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((dest / "flower" / "supernode.pub").stat().st_mode) == 0o644
+    assert (dest / "flower" / "supernode.pub").read_bytes().startswith(b"ecdsa-sha2-nistp384 ")
+    env = {}
+    for key, value in sections:
+        if key == "LoadCredential":
+            ident, _, source = value.partition(":")
+            assert source.startswith(INSTALL_DIR + "/"), value
+            if ident != "superexec.secret":
+                assert (dest / source.removeprefix(INSTALL_DIR + "/")).is_file(), value
+        elif key == "Environment" and value.startswith("NANOFLEET_"):
+            name, _, setting = value.partition("=")
+            env[name] = setting.replace("%d", str(credentials))
+    (exec_start,) = [v for k, v in sections if k == "ExecStart"]
+    assert exec_start.split()[1:] == ["supernode", "--config", "%d/agent.toml"]
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        settings = load_settings(dest / "agent.toml")
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    fed = settings.federated
+    assert fed is not None
+    assert fed.enabled
+    assert fed.superlink == SUPERLINK
+    assert fed.isolation == "process"
+    assert fed.node_key_file == credentials / "supernode.key"
+    assert fed.ca_file == credentials / "ca.crt"
+    assert fed.superexec_secret_file == credentials / "superexec.secret"
 
 
 @pytest.fixture
@@ -150,6 +200,7 @@ def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
                     "--repository-url", server.url,
                     "--ca-cert", str(ca.certificate), "--ca-key", str(ca.key),
                     "--repo", str(repo.path), "--model-dir", str(factory),
+                    "--superlink", SUPERLINK,
                     "--out", str(bundle), "--registry-url", url,
                 ],
             )  # fmt: skip
@@ -160,6 +211,8 @@ def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
             dest = tmp_path / "etc-nanofleet"
             result = CliRunner().invoke(agent_cli, ["enroll", str(bundle), "--dest", str(dest)])
             assert result.exit_code == 0, result.output
+            assert "flwr supernode register" in result.output
+            check_supernode_files(dest, tmp_path / "supernode-credentials")
             # Start it the way its systemd unit does (credentials, environment, ExecStart).
             argv, env = unit_stand_in(dest, tmp_path / "credentials")
             env.update(

@@ -6,8 +6,10 @@ Three parts, one JSON line of every figure at the end:
    ``alpha`` (each its own slice of the NumPy docs, with a held-out part) and the general
    held-out text (Python's language reference). The frozen model's hidden states are
    computed once per text (the ClientApp recomputes them every message; the arithmetic is
-   the same), then K rounds of FedAvg over the LM-head adapter exactly as the ServerApp
-   runs them: each device trains from the round's adapter with the NumPy trainer, its
+   the same), and so are the anchor texts the model writes itself (the same on every
+   device), then K rounds of FedAvg over the LM-head adapter exactly as the ServerApp
+   runs them: each device trains from the round's adapter with the NumPy trainer
+   (:data:`UTILITY_CONFIG`, with the anchor term), its
    update is clipped to ``clip`` (L2), the server averages and adds Gaussian noise of std
    ``z * clip / cohort``, with ``z`` calibrated by the RDP accountant for epsilon = inf
    (clipping only), 8 and 2 at delta 1e-5. Figures: each device's held-out perplexity
@@ -23,11 +25,14 @@ Three parts, one JSON line of every figure at the end:
    uploaded per round are counted by a TLS-terminating proxy, and compared with the
    adapter's raw size and the base bundle's size (real model figures computed from the
    adapter's size plus the measured fixed part of a round's upload).
-4. **Training yields to serving (real model).** First-token latency of a chat request,
-   idle vs while the NumPy trainer runs in another process; the request sets the serving
-   marker the ClientApp's checkpoint watches, so training pauses at its next minibatch.
+4. **Training yields to serving (real model).** First-token latency of a chat request
+   with a training process stopped (SIGSTOP) vs running, alternating request by request so
+   that other load on a shared machine hits both alike, for each lever: pause checks at
+   minibatch boundaries only, every 8 rows, the idle scheduling class, both. The request
+   sets the serving marker the ClientApp's checkpoint watches.
 
-    .venv/bin/python benchmarks/federated.py [--rounds 5] [--seeds 1] [--population 300]
+    .venv/bin/python benchmarks/federated.py [--rounds 5] [--seeds 1] [--epsilons inf 8 2]
+        [--max-chars 150000] [--train-rows 20000] [--clip 25] [--skip cohort flower ...]
 """
 
 from __future__ import annotations
@@ -371,31 +376,39 @@ YIELD_VARIANTS = (
 )
 
 
-def yield_part(model_dir: Path, *, requests: int, repeats: int) -> dict[str, Any]:
-    """First-token latency idle vs during training (the agent sets the serving marker when a
-    request arrives; the trainer pauses at its next check), for each of ``YIELD_VARIANTS``.
-    Each figure is the median over ``repeats`` runs of the median over ``requests``."""
+def yield_part(model_dir: Path, *, requests: int) -> dict[str, Any]:
+    """First-token latency with the trainer stopped vs running, for each of
+    ``YIELD_VARIANTS`` (the agent sets the serving marker when a request arrives; the
+    trainer pauses at its next check).
+
+    The machine may be shared, so the two states are paired: one training process per
+    variant, stopped (SIGSTOP, by its PID) for the idle requests and running for the
+    others, alternating request by request; each figure is a median over ``requests``.
+    """
     import multiprocessing
+    import signal
 
     from agent.runtime import SamplingParams
 
     engine = Engine.load(model_dir, threads=2)
     prompt = engine.encode(engine.render_chat([("user", "Name three uses of a hash map.")]))
 
-    def first_tokens(marker: Path | None) -> float:
-        out = []
-        for _ in range(requests):
-            began = time.perf_counter()
-            if marker is not None:
-                marker.touch()
-            next(iter(engine.generate(prompt, SamplingParams(max_tokens=2))))
-            out.append(time.perf_counter() - began)
-            if marker is not None:
-                marker.unlink()
-            time.sleep(0.15)  # let the trainer run between requests
-        return median(out)
+    def first_token(marker: Path | None) -> float:
+        began = time.perf_counter()
+        if marker is not None:
+            marker.touch()
+        next(iter(engine.generate(prompt, SamplingParams(max_tokens=2))))
+        took = time.perf_counter() - began
+        if marker is not None:
+            marker.unlink()
+        return took
 
-    def during_training(batch_rows: int, check_rows: int, idle: bool) -> float:
+    def stopped(pid: int) -> bool:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+    def paired(batch_rows: int, check_rows: int, idle: bool) -> tuple[list[float], list[float]]:
+        quiet: list[float] = []
+        busy: list[float] = []
         with tempfile.TemporaryDirectory() as tmp:
             marker = Path(tmp) / "serving"
             ctx = multiprocessing.get_context("spawn")
@@ -405,39 +418,43 @@ def yield_part(model_dir: Path, *, requests: int, repeats: int) -> dict[str, Any
                 args=(str(model_dir), str(marker), 4096, batch_rows, check_rows, idle, ready),
             )
             child.start()
+            pid = child.pid
+            if pid is None:
+                raise RuntimeError("the training process did not start")
             try:
                 if not ready.wait(120):
                     raise RuntimeError("the training process did not start")
-                return first_tokens(marker)
+                for i in range(2 * requests):
+                    running = i % 2 == 1
+                    if running:
+                        os.kill(pid, signal.SIGCONT)
+                        time.sleep(0.15)  # the trainer is back in its minibatches
+                        busy.append(first_token(marker))
+                    else:
+                        os.kill(pid, signal.SIGSTOP)
+                        while not stopped(pid):
+                            time.sleep(0.001)
+                        quiet.append(first_token(None))
             finally:
+                os.kill(pid, signal.SIGCONT)
                 child.terminate()
                 child.join(10)
+        return quiet, busy
 
     os.environ["OMP_NUM_THREADS"] = "1"  # the children's BLAS, as the SuperNode sets it
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    first_tokens(None)  # warm up
-    idle_runs: list[float] = []
-    busy_runs: dict[str, list[float]] = {label: [] for label, *_ in YIELD_VARIANTS}
-    for _ in range(repeats):
-        idle_runs.append(first_tokens(None))
-        for label, batch_rows, check_rows, idle in YIELD_VARIANTS:
-            busy_runs[label].append(during_training(batch_rows, check_rows, idle))
-    idle_ms = 1000 * median(idle_runs)
-    variants = {
-        label: {
-            "first_token_ms": round(1000 * median(runs), 1),
-            "ratio": round(1000 * median(runs) / idle_ms, 3),
-            "runs_ms": [round(1000 * r, 1) for r in runs],
+    for _ in range(5):
+        first_token(None)  # warm up
+    variants: dict[str, Any] = {}
+    for label, batch_rows, check_rows, idle in YIELD_VARIANTS:
+        quiet, busy = paired(batch_rows, check_rows, idle)
+        variants[label] = {
+            "idle_first_token_ms": round(1000 * median(quiet), 1),
+            "training_first_token_ms": round(1000 * median(busy), 1),
+            "ratio": round(median(busy) / median(quiet), 3),
         }
-        for label, runs in busy_runs.items()
-    }
-    return {
-        "requests": requests,
-        "repeats": repeats,
-        "idle_first_token_ms": round(idle_ms, 1),
-        "idle_runs_ms": [round(1000 * r, 1) for r in idle_runs],
-        "during_training": variants,
-    }
+        print(f"training yields to serving, {label}: {variants[label]}", flush=True)
+    return {"requests": requests, "variants": variants}
 
 
 def main() -> None:
@@ -457,7 +474,7 @@ def main() -> None:
     )
     parser.add_argument("--flower-runs", type=int, default=1)
     parser.add_argument("--flower-rounds", type=int, default=2)
-    parser.add_argument("--yield-repeats", type=int, default=5)
+    parser.add_argument("--yield-requests", type=int, default=40, help="per state and lever")
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["utility", "cohort", "flower", "yield"]
     )
@@ -489,7 +506,7 @@ def main() -> None:
             tiny_dir, real_dir, rounds=args.flower_rounds, runs=args.flower_runs
         )
     if "yield" not in args.skip:
-        figures["yield"] = yield_part(real_dir, requests=20, repeats=args.yield_repeats)
+        figures["yield"] = yield_part(real_dir, requests=args.yield_requests)
         print(f"training yields to serving: {figures['yield']}", flush=True)
     print(json.dumps({"benchmark": "federated", **figures}, sort_keys=True))
 

@@ -23,11 +23,11 @@ from coordinator.demo.agents import (
     stream_chat,
     wait_for_interrupt,
 )
+from coordinator.demo.federation import device_table, prepare_links, run_federated_round
 from coordinator.demo.fleet import HOST, Fleet, free_port, poll
 from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
 from coordinator.local_broker import start_local_broker
-from coordinator.models.adapter_bundle import write_random_adapter_bundle
 from coordinator.registry import open_registry
 from protocol.bundle import BundleManifest
 from protocol.exitcodes import ExitCode
@@ -106,6 +106,7 @@ def _enroll_and_start(
     broker: tuple[str, int],
     repository_url: str,
     model_dir: Path,
+    superlink: str,
 ) -> Child:
     """Provision a device, enroll it with ``nanofleet-agent enroll`` and start its agent.
 
@@ -120,6 +121,7 @@ def _enroll_and_start(
         broker=broker,
         repository_url=repository_url,
         model_dir=model_dir,
+        superlink=superlink,
     )
     enroll = Child(
         f"{name}-enroll",
@@ -240,6 +242,7 @@ def _run(
         laps.lap("coordinator")
 
         console.print(f"\n[bold]4.[/bold] provisioning, enrolling and starting {agents} device(s)")
+        superlink_port, links = prepare_links(fleet, names)
         registry = open_registry(f"sqlite:///{ws.coordinator_dir / 'registry.sqlite3'}")
         try:
             for name, group in groups.items():
@@ -253,6 +256,7 @@ def _run(
                         broker=(broker.host, broker.port),
                         repository_url=f"{api.base_url}/repo",
                         model_dir=model.path,
+                        superlink=links[name],
                     )
                 )
                 console.print(f"   {name} ({group}): enrolled, agent pid {fleet.agents[-1].pid}")
@@ -288,20 +292,27 @@ def _run(
         laps.lap("answer")
 
         console.print(
-            "\n[bold]6.[/bold] a signed adapter-only release, rolled out by the coordinator: "
-            "the canary first, then the fleet"
+            f"\n[bold]6.[/bold] a federated round on the {agents} devices' own texts "
+            "(Flower: SuperLink, one SuperNode per device)"
         )
-        adapter_dir = write_random_adapter_bundle(
-            home / "bundles" / "nano-tuned-1", model.path, name="nano-tuned", version="1"
+        report = run_federated_round(
+            console,
+            ws,
+            fleet,
+            {name: home / name for name in names},
+            superlink_port=superlink_port,
+            base=base.manifest,
         )
-        adapter = wsp.publish(ws, adapter_dir)
-        adapter_size = wsp.bundle_bytes(adapter_dir)
+        laps.lap("round")
+
+        console.print(
+            "\n[bold]7.[/bold] the round's adapter, an adapter-only signed release, rolled out "
+            "by the coordinator: the canary first, then the fleet"
+        )
+        adapter = report.outcome.published
+        release = report.outcome.release
+        adapter_size = wsp.bundle_bytes(report.outcome.bundle_dir)
         base_size = wsp.bundle_bytes(model.path)
-        registry = open_registry(f"sqlite:///{ws.coordinator_dir / 'registry.sqlite3'}")
-        try:
-            release = registry.create_release(adapter.manifest, actor="nanofleet demo")
-        finally:
-            registry.engine.dispose()
         console.print(
             f"   {release.name} {release.version} ({adapter.sha256[:12]}): {adapter_size:,} bytes "
             f"signed by the adapters key, vs {base_size:,} for the base model"
@@ -314,13 +325,11 @@ def _run(
                     console, api, fleet, ws, adapter.manifest, f"{release.name}:{release.version}",
                     group, members,
                 )  # fmt: skip
-
-        console.print("\n[bold]7.[/bold] federated round")
         laps.lap("release")
-        console.print(f"   {_federated_round()}")
 
         console.print()
         console.print(summary(api, updates, adapter_size, base_size))
+        console.print(device_table(report, updates, adapter_size))
         table = Table(title="processes")
         table.add_column("process")
         table.add_column("pid")
@@ -353,23 +362,6 @@ def _run(
         console.print("every process the demo started has stopped")
         if work_dir is None:
             shutil.rmtree(home, ignore_errors=True)
-
-
-def _federated_round() -> str:
-    """Hook: run a federated round with the agents and roll out its adapter.
-
-    What it will call: start a SuperLink (:mod:`coordinator.federation.superlink`), have
-    each device run its SuperNode, then :func:`coordinator.federation.rounds.run_personalization`,
-    ``package_adapter`` and ``publish_adapter``, and roll the adapter out with
-    :func:`_roll_out` as step 6 does. What is missing: a device's SuperNode is started only
-    by ``agent.federated.supernode.SuperNode``, which no ``nanofleet-agent`` command (nor
-    ``run``) starts, and the demo drives the agent through its commands only (the coordinator
-    never imports the agent).
-    """
-    return (
-        "[dim]not run: the round runner (coordinator.federation) is in, but no "
-        "nanofleet-agent command starts a device's SuperNode yet[/dim]"
-    )
 
 
 def _roll_out(

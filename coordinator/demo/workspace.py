@@ -9,8 +9,13 @@ Layout under the workspace root::
     bundles/       the adapter bundle the demo releases
     coordinator/   coordinator.toml, operator.token (0600), tls/ (its MQTT client
                    certificate, CN svc:coordinator), registry.sqlite3, serve.log
+    superlink/     the SuperLink's TLS certificate (from the fleet CA), state and log
+    flower/        the operator's ``flwr`` CLI home (node registration, runs)
+    round/         the federated round's app, output (metrics.jsonl, result.npz) and bundle
     device-N/      one device: its enrollment file, etc/ (installed by
-                   ``nanofleet-agent enroll``), state/, agent.sock, agent.log
+                   ``nanofleet-agent enroll``, with the SuperNode key in etc/flower/),
+                   state/, agent.sock, agent.log, its training texts (training.txt, then
+                   federated/training-texts.sqlite3), supernode/ (the SuperNode's log)
 
 The broker's files live elsewhere (see :mod:`coordinator.local_broker`).
 """
@@ -136,9 +141,11 @@ def provision(
     broker: tuple[str, int],
     repository_url: str,
     model_dir: Path,
+    superlink: str | None = None,
 ) -> Path:
     """Write ``device_id``'s enrollment file into ``home`` (``nanofleet device provision``)
-    with its state directory and socket under ``home``; return the file's path."""
+    with its state directory, socket, training store and SuperNode state under ``home``;
+    return the file's path."""
     home.mkdir(parents=True, exist_ok=True)
     request = EnrollmentRequest(
         device_id=device_id,
@@ -151,6 +158,9 @@ def provision(
         socket_group=None,
         state_dir=PurePosixPath(home / "state"),
         socket_path=PurePosixPath(home / "agent.sock"),
+        superlink=superlink,
+        federated_data_path=PurePosixPath(home / "federated" / "training-texts.sqlite3"),
+        supernode_state_dir=PurePosixPath(home / "supernode"),
     )
     root_json = (ws.repo_dir / "metadata" / "root.json").read_bytes()
     target = home / f"{device_id}.enroll"
@@ -194,3 +204,13 @@ def coordinator_config(
     path = directory / "coordinator.toml"
     path.write_text(tomli_w.dumps(settings), encoding="utf-8")
     return path
+
+
+def superlink_tls(ws: Workspace) -> pki.CredentialFiles:
+    """The SuperLink's server certificate for 127.0.0.1, issued by the fleet CA (which the
+    devices' enrolled settings trust)."""
+    directory = ws.root / "superlink" / "tls"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return pki.write_credential(
+        pki.issue_server(ws.ca, ("localhost",), ("127.0.0.1",)), directory, "superlink"
+    )

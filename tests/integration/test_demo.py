@@ -1,11 +1,14 @@
 """The README's main job, ``nanofleet demo``, run to its end in its short mode (``--exit``).
 
 The end-to-end test is marked ``slow``: it uses the real Nano model (built once into the
-cache) and starts real processes: mosquitto under mTLS, ``nanofleet serve``, and two
-enrolled agents. It checks what the demo printed against what it claims: the answer
-streamed, every device online in the registry, the adapter release committed on every
-device with only the adapter's bytes downloaded, both rollouts (canary, then fleet)
-completed, the dashboard answering, and every PID it listed gone afterwards.
+cache) and starts real processes: mosquitto under mTLS, ``nanofleet serve``, three enrolled
+agents, a Flower SuperLink and each device's ``nanofleet-agent supernode``. It checks what
+the demo printed against what it claims: the answer streamed, every device online in the
+registry, each device eligible and its SuperNode started, two federated rounds with every
+device's update aggregated, the round's adapter release committed on every device with only
+the adapter's bytes downloaded, both rollouts (canary, then fleet) completed, each device's
+held-out perplexity before and after and its round traffic, the dashboard answering, and
+every PID it listed gone afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from coordinator.demo import run_demo
 from coordinator.local_broker import render_fleet_acl
 from protocol.exitcodes import ExitCode
 
-DEVICES = ("device-1", "device-2")
+DEVICES = ("device-1", "device-2", "device-3")
 
 
 @pytest.mark.slow
@@ -54,9 +57,9 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
     assert sizes is not None, out
     adapter_size, base_size = (int(n.replace(",", "")) for n in sizes.groups())
     assert adapter_size < base_size / 50
-    adapter_sha = re.search(r"nano-tuned 1 \(([0-9a-f]{12})\)", out)
+    adapter_sha = re.search(r"nano-federated 1 \(([0-9a-f]{12})\)", out)
     assert adapter_sha is not None, out
-    assert f"{adapter_sha[1][:8]} = nano-tuned 1" in out, out
+    assert f"{adapter_sha[1][:8]} = nano-federated 1" in out, out
     for device in DEVICES:
         row = re.search(
             rf"│ {device} +│ online/healthy +│ [0-9a-f]{{8}} +│ {adapter_sha[1][:8]} +│ "
@@ -66,10 +69,38 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
         assert row is not None, out
         assert int(row[1].replace(",", "")) == adapter_size, row[0]  # the adapter's files, once
 
+    # The federated round: every device eligible, its SuperNode started, both rounds with
+    # every device's update; per device, perplexity before and after and its traffic.
+    for device in DEVICES:
+        assert re.search(rf"{device}: nanofleet-agent supernode pid \d+: eligible \(", out), out
+    for number in (1, 2):
+        assert f"round {number}/2: {len(DEVICES)} device updates aggregated" in out, out
+    for device in DEVICES:
+        row = re.search(
+            rf"│ {device} +│ ([\d.]+) -> ([\d.]+) +│ [+-][\d.]+ % +│ ([\d,]+) B +│ "
+            r"([\d,]+) B +│ ([\d,]+) B +│",
+            out,
+        )
+        assert row is not None, out
+        base_ppl, tuned_ppl = float(row[1]), float(row[2])
+        assert 1 < base_ppl < 1000
+        assert abs(tuned_ppl / base_ppl - 1) < 0.5
+        sent, received, release = (int(n.replace(",", "")) for n in row.groups()[2:])
+        assert sent > adapter_size  # at least its update of each round, through TLS
+        assert received > adapter_size  # the adapter it was sent
+        assert release == adapter_size
+
     assert "/ui/ answered 200, /ui/rollouts answered 200" in out, out
 
     pids = {name: int(pid) for name, pid in re.findall(r"│ ([\w-]+) +│ (\d+) +│\n", out)}
-    assert set(pids) == {*DEVICES, "coordinator", "mosquitto"}, out
+    assert set(pids) == {
+        *DEVICES,
+        *(f"{d}-supernode" for d in DEVICES),
+        *(f"{d}-flower-supernode" for d in DEVICES),
+        "flower-superlink",
+        "coordinator",
+        "mosquitto",
+    }, out
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

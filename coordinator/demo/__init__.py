@@ -13,18 +13,23 @@ The script, with progress shown throughout (:mod:`coordinator.demo.script`):
    ``nanofleet-agent enroll``, starts ``nanofleet-agent run``, and waits until the
    coordinator's API shows every device online;
 5. streams a chat answer from the first agent over its Unix socket;
-6. signs an adapter-only release bound to the base and records it; then for the canary
-   group (the first device) and, once that rollout completed, for the fleet group (the
-   others): starts a rollout through the operator API, points the group's signed channel
-   at the release, and shows each device's state and bytes until all have committed it;
-7. (a hook for the federated round: not run until an agent command starts a device's
-   SuperNode, see ``script._federated_round``);
-8. prints the fleet as the coordinator sees it, the processes, the dashboard's URL; then
-   stops (``--exit``) or waits for Ctrl-C.
+6. runs a federated round (:mod:`coordinator.demo.federation`): a Flower SuperLink, each
+   device's slice of the domain texts loaded with ``nanofleet-agent data import``, its
+   SuperNode key registered and ``nanofleet-agent supernode`` started (each through a
+   byte-counting relay); :func:`coordinator.federation.campaign.run_round` records, gates,
+   packages and signs the adapter; each device measures its held-out perplexity with it;
+7. rolls the round's adapter out: for the canary group (the first device) and, once that
+   rollout completed, for the fleet group (the others): starts a rollout through the
+   operator API, points the group's signed channel at the release, and shows each device's
+   state and bytes until all have committed it;
+8. prints the fleet as the coordinator sees it, the round per device (perplexity before and
+   after, bytes sent and received), the processes, the dashboard's URL; then stops
+   (``--exit``) or waits for Ctrl-C.
 
 Every process it starts is stopped by its PID on the way out (SIGTERM, then SIGKILL after
-a grace period), whatever happened before. The demo never imports the agent: it drives it
-through its commands and its socket, and the coordinator through its API.
+a grace period), whatever happened before, and so are the children Flower's processes left.
+The demo never imports the agent: it drives it through its commands and its socket, and the
+coordinator through its API and its library.
 """
 
 from __future__ import annotations

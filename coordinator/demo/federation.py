@@ -79,16 +79,17 @@ _STARTED = re.compile(r"SuperNode started, pid (\d+)")
 
 
 def round_spec(devices: int) -> RunSpec:
-    """The demo's run: 2 rounds, rank 4, every device every round; SecAgg+ from 3 devices
-    (it needs 3 for any dropout tolerance); updates clipped to L2 norm 1 on the device and
-    Gaussian noise (z 0.05: epsilon about 810 at delta 1e-5 over the 2 rounds) added to the
-    mean on the server. A larger clipping norm learns more (about -3 % held-out perplexity
-    at norm 20 without noise) but any noise for a useful epsilon then destroys the adapter:
-    three devices cannot carry client-level DP (docs/federated.md)."""
+    """The demo's run: 1 round (each costs five ClientApp processes per device, a minute or
+    more on two shared cores), rank 4, every device; SecAgg+ from 3 devices (it needs 3 for
+    any dropout tolerance); updates clipped to L2 norm 1 on the device and Gaussian noise
+    (z 0.05: epsilon about 410 at delta 1e-5) added to the mean on the server. A larger
+    clipping norm learns more (about -3 % held-out perplexity at norm 20 without noise), but
+    any noise for a useful epsilon then destroys the adapter: three devices cannot carry
+    client-level DP (docs/federated.md)."""
     return RunSpec(
         round_id="demo-round-1",
         group=wsp.FLEET if devices > 1 else wsp.CANARY,
-        rounds=2,
+        rounds=1,
         cohort_size=devices,
         min_nodes=devices,
         secaggplus=devices >= 3,
@@ -286,7 +287,7 @@ def run_federated_round(
         else "no SecAgg+ (< 3 devices), "
     ) + f"updates clipped to L2 {spec.clip_norm:g}, noise z {spec.noise_multiplier:g}"
     console.print(
-        f"   run {spec.round_id}: {spec.rounds} rounds, rank-{spec.rank} LM-head adapter, "
+        f"   run {spec.round_id}: {spec.rounds} round(s), rank-{spec.rank} LM-head adapter, "
         f"{privacy}; published if the aggregate's mean held-out perplexity ratio is at most "
         f"{MAX_PERPLEXITY_RATIO:g}"
     )
@@ -376,7 +377,7 @@ def device_table(report: RoundReport, updates: list[dict[str, Any]], adapter_siz
     table.caption = (
         "held-out ppl: the device's held-out texts, base model -> with the round's adapter "
         "(nanofleet-agent data evaluate);\nround sent/recv: TLS bytes between the device's "
-        f"SuperNode and the SuperLink over {len(rounds)} rounds (the adapter update, Flower's "
+        f"SuperNode and the SuperLink over {len(rounds)} round(s) (the adapter update, Flower's "
         f"polls; never text); release: the adapter bundle ({adapter_size:,} B) downloaded"
     )
     return table

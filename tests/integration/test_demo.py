@@ -4,8 +4,8 @@ The end-to-end test is marked ``slow``: it uses the real Nano model (built once 
 cache) and starts real processes: mosquitto under mTLS, ``nanofleet serve``, three enrolled
 agents, a Flower SuperLink and each device's ``nanofleet-agent supernode``. It checks what
 the demo printed against what it claims: the answer streamed, every device online in the
-registry, each device eligible and its SuperNode started, two federated rounds with every
-device's update aggregated, the round's adapter release committed on every device with only
+registry, each device eligible and its SuperNode started, the federated round(s) with
+every device's update aggregated, the round's adapter release committed on every device with only
 the adapter's bytes downloaded, both rollouts (canary, then fleet) completed, each device's
 held-out perplexity before and after and its round traffic, the dashboard answering, and
 every PID it listed gone afterwards.
@@ -73,8 +73,11 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
     # every device's update; per device, perplexity before and after and its traffic.
     for device in DEVICES:
         assert re.search(rf"{device}: nanofleet-agent supernode pid \d+: eligible \(", out), out
-    for number in (1, 2):
-        assert f"round {number}/2: {len(DEVICES)} device updates aggregated" in out, out
+    rounds = re.search(r"run demo-round-1: (\d+) round", out)
+    assert rounds is not None, out
+    total = int(rounds[1])
+    for number in range(1, total + 1):
+        assert f"round {number}/{total}: {len(DEVICES)} device updates aggregated" in out, out
     for device in DEVICES:
         row = re.search(
             rf"│ {device} +│ ([\d.]+) -> ([\d.]+) +│ [+-][\d.]+ % +│ ([\d,]+) B +│ "

@@ -22,7 +22,9 @@ Invariants:
 
 - Pure: no I/O and no global state. Randomness comes from a seeded ``numpy.random.Generator``,
   time from an injected clock, and permission to continue from an injected checkpoint.
-- Bounded memory: at most ``batch_rows x vocab`` logits exist at once, whatever N is.
+- Bounded memory: logits exist for at most ``check_rows`` rows at once while training
+  (``batch_rows`` in :func:`evaluate` and :func:`loss_and_gradients`), a few
+  ``rows x vocab`` arrays, whatever N and M are.
 - Bounded CPU: a run stops after ``max_steps`` minibatches or ``max_compute_s`` seconds of
   compute (time spent inside the checkpoint, e.g. paused for an inference request, is not
   compute and does not count).

@@ -133,14 +133,13 @@ def evaluate_adapter(
 
     import numpy as np
 
+    from agent.config import load_settings
     from agent.errors import LocalDataError, ModelError, TrainingInputError
     from agent.federated.local import FeatureConfig, LocalModel, evaluate_round
     from agent.federated.trainer import Adapter
 
     path = _store_path(config, None)
-    from agent.config import load_settings
-
-    settings = load_settings(config)
+    settings = load_settings(config)  # valid: _store_path has read it
     try:
         model = LocalModel(settings.model.dir)
         loaded = model.engine.load_adapter(adapter)

@@ -9,6 +9,7 @@ through the CLI. The real SuperNode joining a real SuperLink is the demo's test
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -364,3 +365,35 @@ def test_provisioning_refuses_a_bad_superlink_address(
     ca, root = fleet
     with pytest.raises(RefusedError, match="SuperLink address"):
         provision.build_enrollment(_request(superlink=address), ca, root)
+
+
+def test_data_evaluate_reports_held_out_perplexity_with_and_without_an_adapter(
+    tmp_path: Path,
+) -> None:
+    from coordinator.demo.domain_data import device_slices
+    from coordinator.models.adapter_bundle import write_random_adapter_bundle
+    from tests.support.ota_models import build_ota_model
+
+    model = build_ota_model(tmp_path / "model", seed=11)
+    adapter = write_random_adapter_bundle(tmp_path / "adapter", model, name="a", version="1")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        tomli_w.dumps({"model": {"dir": str(model)}, "federated": _federated(tmp_path)})
+    )
+    texts = tmp_path / "texts.txt"
+    piece = device_slices("alpha", devices=3, max_chars=6000)[0]
+    texts.write_text("\n\n".join(piece.train_texts() + piece.heldout_texts()))
+    runner = CliRunner()
+    imported = runner.invoke(agent_app, ["data", "import", str(texts), "--config", str(config)])
+    assert imported.exit_code == 0, imported.output
+    args = ["data", "evaluate", "--config", str(config), "--adapter", str(adapter / "adapter.npz")]
+    result = runner.invoke(agent_app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["positions"] > 0
+    assert 1 < figures["base_perplexity"] < 1e6
+    assert figures["perplexity"] != figures["base_perplexity"]  # the adapter changes logits
+    text = runner.invoke(agent_app, args)
+    assert "held-out perplexity over" in text.output
+    missing = runner.invoke(agent_app, [*args[:-1], str(tmp_path / "nope.npz")])
+    assert missing.exit_code == ExitCode.MODEL_INVALID

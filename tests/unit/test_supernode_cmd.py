@@ -108,7 +108,8 @@ def _loop(facts: Iterator[Facts], node: FakeNode, lines: list[str], checks: int)
 
 
 def test_the_supernode_starts_only_in_the_window_and_stops_when_the_window_closes() -> None:
-    node, lines = FakeNode(), []
+    node = FakeNode()
+    lines: list[str] = []
     facts = iter(
         [
             Facts(_at("21:58"), serving=False, examples=50),  # outside the window
@@ -129,7 +130,8 @@ def test_the_supernode_starts_only_in_the_window_and_stops_when_the_window_close
 
 
 def test_a_device_that_served_recently_waits_for_the_idle_time() -> None:
-    node, lines = FakeNode(), []
+    node = FakeNode()
+    lines: list[str] = []
     facts = iter(
         [
             Facts(_at("23:00"), serving=True, examples=50),
@@ -145,7 +147,8 @@ def test_a_device_that_served_recently_waits_for_the_idle_time() -> None:
 
 
 def test_a_device_without_enough_data_never_starts_its_supernode() -> None:
-    node, lines = FakeNode(), []
+    node = FakeNode()
+    lines: list[str] = []
     facts = iter([Facts(_at("23:00"), serving=False, examples=9)] * 3)
     _loop(facts, node, lines, checks=2).run()
     assert node.starts == 0
@@ -153,7 +156,8 @@ def test_a_device_without_enough_data_never_starts_its_supernode() -> None:
 
 
 def test_a_supernode_that_dies_ends_the_loop_for_a_restart() -> None:
-    node, lines = FakeNode(), []
+    node = FakeNode()
+    lines: list[str] = []
     facts = iter([Facts(_at("23:00"), serving=False, examples=50)] * 3)
     loop = _loop(facts, node, lines, checks=5)
     assert loop.check() is None
@@ -163,7 +167,8 @@ def test_a_supernode_that_dies_ends_the_loop_for_a_restart() -> None:
 
 
 def test_stopping_the_loop_stops_a_running_supernode() -> None:
-    node, lines = FakeNode(), []
+    node = FakeNode()
+    lines: list[str] = []
     facts = iter([Facts(_at("23:00"), serving=False, examples=50)] * 2)
     _loop(facts, node, lines, checks=1).run()
     assert (node.starts, node.stops, node.alive) == (1, 1, False)

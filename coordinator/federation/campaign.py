@@ -402,8 +402,9 @@ def run_round(
     ``spec`` names the run (its ``round_id`` is the registry's key), the group and the
     training and privacy settings; ``base`` is the base bundle the group's devices run (it
     must be published in ``repository``, whose key ring must hold the adapters, snapshot and
-    timestamp keys, and the channels key without a canary). ``work_dir`` receives the Flower app and output
-    (``run/``) and the adapter bundle (``bundle/``); it should be new for each round.
+    timestamp keys, and the channels key without a canary). ``work_dir`` receives the Flower
+    app and output (``run/``) and the adapter bundle (``bundle/``); it should be new for each
+    round.
     ``driver`` submits the run to a SuperLink. ``progress`` hears of each stage and each
     round's recorded figures, from the calling thread.
 

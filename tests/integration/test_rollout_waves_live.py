@@ -23,6 +23,7 @@ a condition with a deadline.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +54,7 @@ GROUP, CHANNEL = "store", "stable"
 DEVICES = [f"kiosk-{i}" for i in range(1, 5)]
 TOKEN = "waves-live-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-DEADLINE_S = 120.0
+DEADLINE_S = 240.0
 #: How long devices outside the wave keep polling (every second) after a halt.
 GRACE_S = 4.0
 
@@ -161,7 +162,12 @@ class Scene:
 
     def context(self) -> str:
         logs = "\n".join(f"--- {d}\n{a.log_tail(15)}" for d, a in self.agents.items())
-        return f"versions: {self.versions()}\n{logs}"
+        rollouts = self.http.get("/api/v1/rollouts").json()["rollouts"]
+        pointers = [(p.device_id, p.base.version) for p in _repository(self).device_pointers()]
+        return (
+            f"versions: {self.versions()}\nrollouts: {rollouts}\n"
+            f"device pointers: {pointers}\n{logs}"
+        )
 
 
 @pytest.fixture
@@ -241,8 +247,9 @@ def scene(broker: TlsBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_waves_reach_only_their_devices_and_a_failing_wave_halts(
-    scene: Scene, tmp_path: Path
+    scene: Scene, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="nanofleet.coordinator")  # shown if it fails
     # -- A release registered but never signed into the repository cannot be rolled out.
     unsigned = manifest_of(build_ota_model(tmp_path / "unsigned", seed=5))
     scene.coordinator.registry.create_release(unsigned, actor="test")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -552,3 +553,41 @@ def test_bad_model_exits_with_model_invalid(run_dir: Path, long_model_dir: Path)
     )
     assert out.returncode == 66, out.stderr
     assert "nanofleet-agent:" in out.stderr
+
+
+# -- The README's device guide, run as written ------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_SOCKET = "/run/nanofleet/agent.sock"
+
+
+def _device_guide() -> tuple[str, str]:
+    """The device guide's curl command (continuations joined) and its Python block."""
+    guide = README.read_text("utf-8").split("## Device guide", 1)[1].split("\n## ", 1)[0]
+    shell = re.search(r"```sh\n(.*?)```", guide, re.S)
+    python = re.search(r"```python\n(.*?)```", guide, re.S)
+    assert shell is not None, "the device guide has no sh block"
+    assert python is not None, "the device guide has no python block"
+    return shell[1].replace("\\\n", " "), python[1]
+
+
+def test_the_readmes_device_guide_examples_work_as_written(agent: dict[str, Any]) -> None:
+    curl, python = _device_guide()
+    sock = os.fspath(agent["sock"])
+    with client(agent["sock"]) as c:
+        served = c.get("/v1/models").json()["data"][0]["id"]
+    argv = [a.replace(README_SOCKET, sock) for a in shlex.split(curl)]
+    assert argv[0] == "curl"
+    out = subprocess.run(
+        [argv[0], "-sS", *argv[1:]], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.rstrip().endswith("data: [DONE]"), out[-300:]
+
+    # The Python block names the Nano model's bundle; here the daemon serves a test model.
+    code = python.replace(README_SOCKET, sock).replace('"smollm2-135m-q4"', repr(served))
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md (device guide)", "exec"), scope)
+    try:
+        assert scope["reply"].choices[0].message.content
+    finally:
+        scope["http"].close()

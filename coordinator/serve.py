@@ -15,10 +15,12 @@ be reached or the port cannot be bound.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import OperationalError
 
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, RefusedError, SigningKeyError
 from coordinator.mqtt import BrokerOptions, IngestOptions, Ingestor, TlsFiles
 from coordinator.registry import LinkState, LivenessRule, Registry, open_registry
 from coordinator.registry.api import utc_now
@@ -55,7 +57,10 @@ from coordinator.web.dashboard import dashboard_router
 from protocol.bundle import BundleManifest, bundle_hash
 from protocol.exitcodes import ExitCode
 
-__all__ = ["Coordinator", "serve_command"]
+__all__ = ["REFRESH_EVERY_S", "Coordinator", "serve_command"]
+
+#: How often the daemon looks for online metadata past half its lifetime (timestamp: 1 day).
+REFRESH_EVERY_S = 600.0
 
 log = logging.getLogger("nanofleet.coordinator.serve")
 
@@ -112,7 +117,21 @@ class _FleetCollector(Collector):
             yield queue
 
 
-def _wave_publisher(settings: CoordinatorSettings, ingestor: Ingestor | None) -> Publisher:
+def _signing_repository(settings: CoordinatorSettings) -> Repository | None:
+    """The served repository with the online keys (None without ``keys``)."""
+    if settings.keys is None:
+        log.warning(
+            "no keys directory: rollout waves are announced but devices install what their "
+            "group pointer names, and the repository's online metadata is not re-signed",
+            extra={"event": "rollout_unsigned"},
+        )
+        return None
+    return Repository(settings.repository_path, KeyRing([settings.keys], env_passphrases()))
+
+
+def _wave_publisher(
+    settings: CoordinatorSettings, ingestor: Ingestor | None, repository: Repository | None
+) -> Publisher:
     """Sign each wave's device pointers (with ``keys``), then announce (with a broker)."""
     announce: Publisher = (
         MqttPublisher(
@@ -124,14 +143,8 @@ def _wave_publisher(settings: CoordinatorSettings, ingestor: Ingestor | None) ->
         if ingestor is not None
         else LogPublisher()
     )
-    if settings.keys is None:
-        log.warning(
-            "no keys directory: rollout waves are announced but devices install what their "
-            "group pointer names",
-            extra={"event": "rollout_unsigned"},
-        )
+    if repository is None:
         return announce
-    repository = Repository(settings.repository_path, KeyRing([settings.keys], env_passphrases()))
     return PointerPublisher(repository, announce, channel=settings.channel)
 
 
@@ -181,8 +194,10 @@ class Coordinator:
                 shared_group=settings.mqtt.shared_group,
             )
             self.ingestor = Ingestor(broker_options(settings.mqtt), self.registry.ingest, options)
+        self.repository = _signing_repository(settings)
         if publisher is None:
-            publisher = _wave_publisher(settings, self.ingestor)
+            publisher = _wave_publisher(settings, self.ingestor, self.repository)
+        self._refreshed_at = -math.inf
         self.runner = RolloutRunner(self.registry, publisher)
         self.rule = LivenessRule(
             interval_s=settings.heartbeat_interval_s, missed=settings.missed_heartbeats
@@ -232,11 +247,14 @@ class Coordinator:
         return Health(True, details)
 
     def step(self) -> None:
-        """One pass of the background loop: advance rollouts, then sweep liveness."""
+        """One pass of the background loop: advance rollouts, sweep liveness, and (every
+        :data:`REFRESH_EVERY_S`) re-sign the repository's online metadata that is past half
+        its lifetime, so devices never find it expired."""
         try:
             self.runner.advance_all()
         except Exception:
             log.exception("a rollout step failed; retrying next pass")
+        self.refresh_repository()
         if self.ingestor is not None:
             link: LinkState = self.ingestor.link_state()
             try:
@@ -246,6 +264,29 @@ class Coordinator:
             else:
                 if changes:
                     log.info("liveness: %d devices changed state", len(changes))
+
+    def refresh_repository(self, *, now: float | None = None) -> list[str]:
+        """Re-sign what is due (at most every :data:`REFRESH_EVERY_S`); the roles signed."""
+        at = time.monotonic() if now is None else now
+        if self.repository is None or at - self._refreshed_at < REFRESH_EVERY_S:
+            return []
+        self._refreshed_at = at
+        try:
+            signed = self.repository.refresh()
+        except (RefusedError, SigningKeyError, OSError) as e:
+            log.error(
+                "cannot re-sign the repository's online metadata: %s",
+                e,
+                extra={"event": "repository_refresh_failed"},
+            )
+            return []
+        if signed:
+            log.info(
+                "re-signed %s",
+                ", ".join(signed),
+                extra={"event": "repository_refreshed", "roles": signed},
+            )
+        return signed
 
     def start(self) -> None:
         """Connect to the broker (if configured) and start the background loop."""

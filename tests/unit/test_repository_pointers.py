@@ -8,12 +8,15 @@ with the online channels key only.
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from coordinator.errors import RefusedError
-from coordinator.repository import KeyRing, Repository, env_passphrases
+from coordinator.repository import ExpiryPolicy, KeyRing, Repository, env_passphrases
+from coordinator.serve import REFRESH_EVERY_S, Coordinator
+from coordinator.settings import CoordinatorSettings
 from protocol.release import CHANNELS_ROLE, device_pointer_path
 from tests.support.ota_fleet import PASSPHRASE, ReleaseRepo
 from tests.support.repo_simulator import write_base_bundle
@@ -149,3 +152,27 @@ def test_writers_of_one_repository_take_turns(repo: Repository) -> None:
     assert done.is_set()
     assert repo.timestamp().signed.version == held_version + 1
     assert sorted(p.device_id for p in repo.device_pointers()) == ["kiosk-1", "kiosk-2"]
+
+
+def test_the_coordinator_re_signs_online_metadata_before_it_expires(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Devices refuse expired metadata; ``nanofleet serve`` keeps the timestamp fresh."""
+    short = Repository(repo.path, repo.keys, expiry=ExpiryPolicy(timestamp=timedelta(minutes=5)))
+    short.refresh(force=True)
+    expires = repo.timestamp().signed.expires
+    monkeypatch.setenv("NANOFLEET_KEY_PASSPHRASE", PASSPHRASE)
+    settings = CoordinatorSettings(
+        database_url=f"sqlite:///{tmp_path / 'registry.sqlite3'}",
+        api_token="refresh-test-token-0123456789",
+        repository_path=repo.path,
+        keys=tmp_path / "keys",  # where ReleaseRepo made them
+    )
+    coordinator = Coordinator(settings)
+    try:
+        signed = coordinator.refresh_repository(now=1000.0)
+        assert "timestamp" in signed
+        assert repo.timestamp().signed.expires - expires > timedelta(hours=12)
+        assert coordinator.refresh_repository(now=1000.0 + REFRESH_EVERY_S / 2) == []
+    finally:
+        coordinator.registry.engine.dispose()

@@ -304,6 +304,11 @@ def _run(
             base=base.manifest,
         )
         laps.lap("round")
+        recorded = api.get(f"/rounds/{report.outcome.round.id}")
+        console.print(
+            f"   registry: run {recorded['id']} {recorded['state']}, "
+            f"{len(recorded['metrics'])} round(s) of figures (GET /api/v1/rounds/{recorded['id']})"
+        )
 
         console.print(
             "\n[bold]7.[/bold] the round's adapter, an adapter-only signed release, rolled out "
@@ -336,7 +341,8 @@ def _run(
         for name, pid in fleet.processes():
             table.add_row(name, str(pid))
         console.print(table)
-        pages = {path: api.page(path) for path in ("/", "/rollouts")}
+        run = report.outcome.round.id
+        pages = {path: api.page(path) for path in ("/", "/rollouts", f"/rounds/{run}")}
         console.print(
             f"dashboard: {api.base_url}/ui (sign in with the token in "
             f"{ws.coordinator_dir / 'operator.token'}; "

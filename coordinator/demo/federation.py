@@ -323,7 +323,29 @@ def run_federated_round(
         + f" at delta {spec.delta:g} (3 devices cannot carry DP, see docs/federated.md)"
     )
     _evaluate(console, homes, devices, outcome.bundle_dir / ADAPTER_NAME, spec)
+    console.print(f"   {_agreement(devices, outcome.result.rounds)}")
     return RoundReport(outcome, devices, time.monotonic() - started)
+
+
+def _agreement(devices: dict[str, DeviceRound], rounds: list[dict[str, Any]]) -> str:
+    """Whether the devices' own figures are those the round's last evaluate step reported
+    (the ServerApp records them without the device's name, so they compare as sets)."""
+    last = rounds[-1] if rounds else {}
+    reported = sorted(float(p) for p in last.get("device_perplexity") or [])
+    measured = sorted(d.perplexity for d in devices.values() if d.perplexity is not None)
+    same = len(reported) == len(measured) and all(
+        abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(measured, reported, strict=True)
+    )
+    if same:
+        return (
+            "each device's held-out perplexity with the adapter is the one it reported in "
+            "the round's evaluate step"
+        )
+    shown = ", ".join(f"{p:.3f}" for p in measured)
+    sent = ", ".join(f"{p:.3f}" for p in reported)
+    return (
+        f"[yellow]the devices measured {shown}; the round's evaluate step reported {sent}[/yellow]"
+    )
 
 
 def _evaluate(

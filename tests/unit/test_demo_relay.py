@@ -1,4 +1,5 @@
-"""The demo's byte-counting relay and its clean-up of processes Flower leaves behind."""
+"""The demo's helpers: the byte-counting relay, the clean-up of processes Flower leaves behind,
+and the check of the devices' figures against the round's."""
 
 from __future__ import annotations
 
@@ -91,3 +92,14 @@ def test_stop_pids_ends_what_a_stopped_parent_left_behind() -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_the_demo_says_whether_the_devices_figures_are_the_rounds() -> None:
+    from coordinator.demo.federation import DeviceRound, _agreement
+
+    devices = {n: DeviceRound(n, perplexity=p) for n, p in (("a", 36.4), ("b", 69.7), ("c", 57.3))}
+    same = _agreement(devices, [{"device_perplexity": [36.4, 57.3, 69.7]}])
+    assert same.startswith("each device's held-out perplexity with the adapter is the one")
+    differs = _agreement(devices, [{"device_perplexity": [36.5, 57.3, 69.7]}])
+    assert "measured 36.400, 57.300, 69.700; the round's evaluate step reported 36.500" in differs
+    assert "evaluate step reported [/yellow]" in _agreement(devices, [])

@@ -27,7 +27,12 @@ from typing import Annotated
 
 import typer
 
-from agent.federated.eligibility import EligibilityPolicy
+from agent.federated.eligibility import (
+    Action,
+    EligibilityPolicy,
+    check_eligibility,
+    next_action,
+)
 from protocol.exitcodes import ExitCode
 
 __all__ = ["Facts", "SupervisorLoop", "supernode"]
@@ -75,8 +80,6 @@ class SupervisorLoop:
 
     def check(self) -> ExitCode | None:
         """One check; an exit code when the loop must end (the SuperNode died)."""
-        from agent.federated.eligibility import Action, check_eligibility, next_action
-
         facts = self._facts()
         if facts.serving:
             self._last_request_at = facts.now
@@ -164,7 +167,6 @@ def supernode(
     idle, inside its training window, with enough local data."""
     from agent.config import load_settings
     from agent.errors import ConfigError, LocalDataError
-    from agent.federated.eligibility import check_eligibility
     from agent.federated.supernode import SuperNode, SuperNodeConfig
 
     def say(line: str) -> None:

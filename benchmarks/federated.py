@@ -265,7 +265,9 @@ def cohort_part(
     }
 
 
-def flower_part(tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int) -> dict[str, Any]:
+def flower_part(
+    tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int, real_rank: int
+) -> dict[str, Any]:
     from coordinator.federation.rounds import RunSpec, run_personalization
     from coordinator.federation.superlink import write_app
     from tests.support.federation import Fleet
@@ -317,7 +319,7 @@ def flower_part(tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int) -> di
     real = BundleManifest.model_validate_json((real_dir / MANIFEST_NAME).read_bytes())
     bundle_bytes = sum(f.size for f in real.files)
     assert real.model is not None
-    real_raw = 4 * 4 * (real.model.hidden_size + real.model.vocab_size)  # rank 4, float32
+    real_raw = real_rank * 4 * (real.model.hidden_size + real.model.vocab_size)  # float32
     factor = median(upload) / raw
     # What a device uploads per round = the adapter's bytes + a fixed part (HTTP requests,
     # the evaluate reply, polls); the real model's figure adds the measured fixed part to
@@ -333,7 +335,8 @@ def flower_part(tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int) -> di
         "adapter_raw_bytes_tiny": raw,
         "upload_overhead_factor": round(factor, 3),
         "upload_fixed_bytes_per_round": round(fixed),
-        "real_upload_bytes_per_round_rank4": round(real_raw + fixed),
+        "real_rank": real_rank,
+        "real_upload_bytes_per_round": round(real_raw + fixed),
         "real_bundle_bytes": bundle_bytes,
         "real_upload_pct_of_bundle": round(100 * (real_raw + fixed) / bundle_bytes, 3),
     }
@@ -503,8 +506,9 @@ def main() -> None:
         )  # fmt: skip
     if "flower" not in args.skip:
         figures["flower"] = flower_part(
-            tiny_dir, real_dir, rounds=args.flower_rounds, runs=args.flower_runs
-        )
+            tiny_dir, real_dir, rounds=args.flower_rounds, runs=args.flower_runs,
+            real_rank=args.rank,
+        )  # fmt: skip
     if "yield" not in args.skip:
         figures["yield"] = yield_part(real_dir, requests=args.yield_requests)
         print(f"training yields to serving: {figures['yield']}", flush=True)

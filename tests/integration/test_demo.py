@@ -93,10 +93,11 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
         assert received > adapter_size  # the adapter it was sent
         assert release == adapter_size
 
-    assert "the one it reported in the round's evaluate step" in out, out
-    assert "registry: run demo-round-1 finished" in out, out
+    flat = " ".join(out.split())  # rich wraps long lines, even at 200 columns
+    assert "the one it reported in the round's evaluate step" in flat, out
+    assert "registry: run demo-round-1 finished" in flat, out
     assert (
-        "/ui/ answered 200, /ui/rollouts answered 200, /ui/rounds/demo-round-1 answered 200" in out
+        "/ui/ answered 200, /ui/rollouts answered 200, /ui/rounds/demo-round-1 answered 200" in flat
     ), out
 
     pids = {name: int(pid) for name, pid in re.findall(r"│ ([\w-]+) +│ (\d+) +│\n", out)}

@@ -153,7 +153,7 @@ def supernode(
         Path,
         typer.Option(
             "--config",
-            help="The agent's TOML settings (its [federated] section); NANOFLEET_* override it.",
+            help="The agent's TOML settings (its federated section); NANOFLEET_* override it.",
         ),
     ],
     check: Annotated[

@@ -151,7 +151,7 @@ def provision(
         typer.Option(
             "--superlink",
             help="HOST:PORT of the SuperLink's Fleet API: the device takes part in federated "
-            "rounds (its certificate must come from the fleet CA).",
+            "rounds (the SuperLink's certificate must come from the fleet CA).",
             envvar="NANOFLEET_SUPERLINK",
         ),
     ] = None,

@@ -17,7 +17,7 @@ Handlers:
 
 - train: runs :func:`agent.federated.local.train_round` from the adapter the server sent
   and returns the new adapter. The anchor term is on by default (:data:`DEVICE_DEFAULTS`):
-  the model first writes its anchor texts (24 x 128 tokens). Mods on the train handler
+  the model first writes its anchor texts (48 x 128 tokens). Mods on the train handler
   only: SecAgg+ (when the server runs the SecAgg+ workflow; it masks the update) around
   client-side fixed clipping (the update ``new - sent`` is clipped to the run's L2 norm
   before it is masked).

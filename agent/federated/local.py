@@ -68,7 +68,7 @@ class FeatureConfig:
 class AnchorConfig:
     """The anchor texts the base model writes for the trainer's anchor term."""
 
-    samples: int = 24  # texts (about 3000 positions; 1000 held general text less well)
+    samples: int = 48  # texts, about 5700 positions (fewer held general text less well)
     tokens: int = 128  # tokens per text, at most
     seed: int = 0  # the same texts on every device and in every round
 

@@ -45,7 +45,6 @@ from pathlib import Path
 from coordinator import pki
 from coordinator.broker_config import BrokerFiles, render_acl, render_mosquitto_conf
 from coordinator.errors import ConfigError, TransientError
-from protocol import topics
 
 __all__ = ["BROKER_USER", "LocalBroker", "broker_group", "start_local_broker"]
 
@@ -144,22 +143,6 @@ def _handshake(port: int, context: ssl.SSLContext) -> bool:
         return False
 
 
-def render_fleet_acl(fleet: Mapping[str, tuple[str, ...]]) -> str:
-    """The fleet's ACL, plus the coordinator's right to write each device's release topic.
-
-    The rollout runner announces a started wave on ``devices/<id>/releases``, one device at
-    a time; :func:`render_acl` does not grant that yet, so without this block every wave's
-    announcement is refused. mosquitto adds a second ``user`` block to the same user.
-    """
-    extra = [
-        "",
-        "# Rollout waves are announced on each device's own release topic.",
-        f"user {pki.COORDINATOR_IDENTITY}",
-        f"topic write {topics.PREFIX}/devices/+/releases",
-    ]
-    return render_acl(fleet.items()) + "\n".join(extra) + "\n"
-
-
 def start_local_broker(
     ca: pki.Credential,
     fleet: Mapping[str, tuple[str, ...]],
@@ -194,7 +177,7 @@ def start_local_broker(
         crl_file = directory / "crl.pem"
         pki.write_crl(pki.issue_crl(ca), crl_file)
         acl_file = directory / "acl"
-        acl_file.write_text(render_fleet_acl(fleet))
+        acl_file.write_text(render_acl(fleet.items()))
         _share(acl_file, group)
         config = directory / "mosquitto.conf"
         context = ssl.create_default_context(cafile=str(ca_file))

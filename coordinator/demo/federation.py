@@ -14,8 +14,9 @@
 5. each device reports its held-out perplexity without and with the aggregate
    (``nanofleet-agent data evaluate``, the computation of the round's evaluate step).
 
-The round's adapter is pointed at the run's group's ``candidate`` channel, which no device
-follows: the demo's rollout (canary first, then the fleet) moves the ``stable`` pointers.
+``run_round`` then creates the adapter's canary rollout (:data:`CANARY`): one device
+first, then the rest; the coordinator signs each wave's device pointers and each agent
+reports its own held-out evaluation after it commits the adapter.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from coordinator.demo.relay import CountingRelay
 from coordinator.errors import CoordinatorError
 from coordinator.federation.campaign import (
     AdapterRelease,
+    Canary,
     QualityGate,
     RoundOutcome,
     Stage,
@@ -60,8 +62,8 @@ __all__ = [
 #: The domain the demo's devices share, and how much text each holds (characters).
 DOMAIN: Group = "alpha"
 TEXT_CHARS = 12_000
-#: The adapter release the round produces; its channel in the run's group (no device
-#: follows it: the demo's rollout moves the stable pointers).
+#: The adapter release the round produces (its group channel is only pointed without a
+#: canary; the canary rollout moves each device's own pointer).
 RELEASE_NAME = "nano-federated"
 RELEASE_VERSION = "1"
 CANDIDATE_CHANNEL = "candidate"
@@ -69,6 +71,12 @@ CANDIDATE_CHANNEL = "candidate"
 #: default is 1.0 (no worse); with 3 devices the DP noise costs about what the round gains,
 #: so the demo lets an adapter within 1 % through (and prints the bound).
 MAX_PERPLEXITY_RATIO = 1.01
+#: The adapter's rollout: one device first, then the rest, each wave soaking 2 s; a wave
+#: halts it when a device fails, or when the devices' own held-out perplexity (measured by
+#: each agent after it commits the adapter) worsens by more than 5 %.
+CANARY = Canary(
+    devices=1, soak_s=2, max_eval_regression=0.05, max_failure_rate=0.0, wave_timeout_s=300
+)
 #: Eligibility the demo's devices are given (defaults: 300 s idle, 64 examples).
 MIN_EXAMPLES = 16
 SUPERNODE_CHECK_S = 1.0
@@ -88,7 +96,7 @@ def round_spec(devices: int) -> RunSpec:
     client-level DP (docs/federated.md)."""
     return RunSpec(
         round_id="demo-round-1",
-        group=wsp.FLEET if devices > 1 else wsp.CANARY,
+        group=wsp.FLEET,
         rounds=1,
         cohort_size=devices,
         min_nodes=devices,
@@ -159,7 +167,7 @@ class _Progress:
             Stage.PACKAGE: "packaging the adapter bundle",
             Stage.SIGN: "signing it with the adapters key",
             Stage.RELEASE: "recording the release",
-            Stage.ROLLOUT: f"pointing the {CANDIDATE_CHANNEL} channel at it",
+            Stage.ROLLOUT: "creating its canary rollout",
             Stage.FINISH: "recording the round finished",
         }[stage]
         self._status.update(f"{what}...")
@@ -304,6 +312,7 @@ def run_federated_round(
                 work_dir=ws.root / "round",
                 release=AdapterRelease(RELEASE_NAME, RELEASE_VERSION, channel=CANDIDATE_CHANNEL),
                 gate=QualityGate(max_perplexity_ratio=MAX_PERPLEXITY_RATIO),
+                canary=CANARY,
                 actor="nanofleet demo",
                 progress=_Progress(console, status, spec.rounds),
                 poll_s=0.5,

@@ -29,14 +29,14 @@ from coordinator.demo.operator import Api, follow_rollout, summary
 from coordinator.errors import CoordinatorError
 from coordinator.local_broker import start_local_broker
 from coordinator.registry import open_registry
-from protocol.bundle import BundleManifest
+from coordinator.repository.keys import PASSPHRASE_ENV
 from protocol.exitcodes import ExitCode
 
 #: The devices' heartbeat interval, and the coordinator's liveness interval with it.
 HEARTBEAT_S = 2.0
-#: How often the agents poll the repository (they do not follow per-device rollout
-#: announcements yet, so a poll is how a started wave's release reaches them).
-POLL_S = 2.0
+#: How often the agents poll the repository besides the per-device hints a rollout wave
+#: sends them (a hint that is lost is found at the next poll).
+POLL_S = 10.0
 GATE_FIRST_TOKEN_SLACK_S = 1.0  # seconds over 2x the old first-token time
 GATE_TOKEN_TIME_SLACK_S = 0.1  # seconds per token over the old decode time
 AGENT_READY_S = 180.0  # seconds from start to /readyz (the real model loads on shared cores)
@@ -232,6 +232,7 @@ def _run(
             "coordinator",
             [command("nanofleet"), "serve", "--config", str(config)],
             ws.coordinator_dir / "serve.log",
+            env={PASSPHRASE_ENV: ws.passphrase},  # its online keys sign rollout waves
         )
         coordinator.start()
         token = (ws.coordinator_dir / "operator.token").read_text().strip()
@@ -312,7 +313,7 @@ def _run(
 
         console.print(
             "\n[bold]7.[/bold] the round's adapter, an adapter-only signed release, rolled out "
-            "by the coordinator: the canary first, then the fleet"
+            "by the coordinator in waves: one device first, then the rest"
         )
         adapter = report.outcome.published
         release = report.outcome.release
@@ -322,14 +323,9 @@ def _run(
             f"   {release.name} {release.version} ({adapter.sha256[:12]}): {adapter_size:,} bytes "
             f"signed by the adapters key, vs {base_size:,} for the base model"
         )
-        updates: list[dict[str, Any]] = []
-        for group in wsp.GROUPS:
-            members = [n for n, g in groups.items() if g == group]
-            if members:
-                updates += _roll_out(
-                    console, api, fleet, ws, adapter.manifest, f"{release.name}:{release.version}",
-                    group, members,
-                )  # fmt: skip
+        if report.outcome.rollout is None:
+            raise CoordinatorError("the round created no rollout")
+        updates = _follow_rollout(console, api, fleet, report.outcome.rollout.id, names)
         laps.lap("release")
 
         console.print()
@@ -370,48 +366,47 @@ def _run(
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _roll_out(
-    console: Console,
-    api: Api,
-    fleet: Fleet,
-    ws: wsp.Workspace,
-    manifest: BundleManifest,
-    release: str,
-    group: str,
-    members: list[str],
+def _follow_rollout(
+    console: Console, api: Api, fleet: Fleet, rollout_id: int, members: list[str]
 ) -> list[dict[str, Any]]:
-    """Roll ``release`` out to ``group`` through the operator API; return its updates.
+    """Show rollout ``rollout_id`` wave by wave until it ends; return its updates.
 
-    The rollout is created first (the coordinator records an update for each device of
-    the wave and announces it), then the group's signed channel pointer moves to the
-    release: the agents find it at their next repository poll.
+    Each started wave's devices get their own signed pointer and a hint on their own MQTT
+    topic; the others keep their group's pointer until their wave starts.
 
     Raises:
         CoordinatorError: a device failed or rolled back, the rollout did not complete, or
             time ran out.
     """
-    rollout = api.post(
-        "/rollouts",
-        {"release": release, "groups": [group], "waves": ["100%"], "actor": "demo"},
+    rollout = api.get(f"/rollouts/{rollout_id}")
+    sizes = ", ".join(w["size"] for w in rollout["waves"])
+    console.print(
+        f"   rollout {rollout_id} to the {wsp.FLEET} group ({', '.join(members)}): waves {sizes}"
+        + (
+            f", halting if held-out perplexity worsens by more than "
+            f"{rollout['thresholds']['max_eval_regression']:.0%}"
+            if rollout["thresholds"]["max_eval_regression"] is not None
+            else ""
+        )
     )
-    rid = rollout["id"]
-    console.print(f"   rollout {rid} to the {group} group ({', '.join(members)}) started")
 
     def updates() -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = api.get(f"/rollouts/{rid}/updates")["updates"]
+        found: list[dict[str, Any]] = api.get(f"/rollouts/{rollout_id}/updates")["updates"]
         return found
 
-    poll(lambda: len(updates()) == len(members), "the wave's update records", 30, fleet)
-    wsp.point(ws, manifest, group)
-    console.print(f"   {group}/{wsp.CHANNEL} now points at the release (signed channel pointer)")
     follow_rollout(console, updates, len(members), lambda c, w, t: poll(c, w, t, fleet), ROLLOUT_S)
 
     def ended() -> bool:
-        return str(api.get(f"/rollouts/{rid}")["state"]) in _ROLLOUT_FINAL
+        return str(api.get(f"/rollouts/{rollout_id}")["state"]) in _ROLLOUT_FINAL
 
-    poll(ended, "the rollout to end", 60, fleet)
-    state = api.get(f"/rollouts/{rid}")["state"]
-    console.print(f"   rollout {rid}: {state}")
-    if state != "completed":
-        raise CoordinatorError(f"rollout {rid} ended {state}; see {api.base_url}/ui")
+    poll(ended, "the rollout to end", 120, fleet)
+    rollout = api.get(f"/rollouts/{rollout_id}")
+    for index, wave in enumerate(rollout["waves"], 1):
+        console.print(f"   wave {index}: {wave['state']} ({wave['reason']})", highlight=False)
+    console.print(f"   rollout {rollout_id}: {rollout['state']}")
+    if rollout["state"] != "completed":
+        raise CoordinatorError(
+            f"rollout {rollout_id} ended {rollout['state']}: {rollout['halt_reason']}; "
+            f"see {api.base_url}/ui"
+        )
     return updates()

@@ -40,10 +40,9 @@ from protocol.bundle import (
     BundleManifest,
 )
 
-#: The first device is the canary: a release reaches it first, the rest of the fleet after.
-CANARY = "canary"
+#: Every demo device is in this group; a rollout's first wave (one device) is its canary.
 FLEET = "fleet"
-GROUPS = (CANARY, FLEET)
+GROUPS = (FLEET,)
 CHANNEL = "stable"
 
 
@@ -107,8 +106,8 @@ def create_workspace(root: Path) -> Workspace:
 
 
 def group_of(index: int) -> str:
-    """The group of the demo's ``index``-th device (0-based): the first is the canary."""
-    return CANARY if index == 0 else FLEET
+    """The group of the demo's ``index``-th device (0-based)."""
+    return FLEET
 
 
 def publish(ws: Workspace, bundle_dir: Path, *, groups: Sequence[str] = ()) -> PublishedBundle:
@@ -189,6 +188,9 @@ def coordinator_config(
         "port": port,
         "api_token_file": str(token_file),
         "repository_path": str(ws.repo_dir),
+        # The online keys: each rollout wave signs its devices' own pointers.
+        "keys": str(ws.keys_dir),
+        "channel": CHANNEL,
         "repository_url": f"http://127.0.0.1:{port}/repo",
         "rollout_interval_s": 0.5,
         "heartbeat_interval_s": heartbeat_interval_s,

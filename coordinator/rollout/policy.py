@@ -23,8 +23,9 @@ Invariants:
   soak time after the last one ended; for an adapter release with an evaluation threshold
   it must also show the median relative change of the devices' metric (lower is better,
   e.g. held-out perplexity) against their own baseline to be at most
-  ``max_eval_regression``. No evaluation by the wave timeout halts the rollout: no
-  evidence is not good evidence.
+  ``max_eval_regression``, judged once every device that installed it has reported (or at
+  the wave timeout, on those that did). No evaluation by the wave timeout halts the
+  rollout: no evidence is not good evidence.
 - Every decision carries a reason sentence meant for the operator.
 """
 
@@ -451,14 +452,18 @@ def _judge_wave(snap: Snapshot, index: int) -> Decision:
     verdict = f"{n_failed} of {size} failed ({_pct(n_failed / size)}, threshold {_pct(limit)})"
     regression = plan.thresholds.max_eval_regression
     if plan.adapter and regression is not None:
+        succeeded = [r for r in reports if r.state is _SUCCEEDED]
         changes = [
             r.candidate / r.baseline - 1
-            for r in reports
-            if r.state is _SUCCEEDED and r.baseline is not None and r.candidate is not None
+            for r in succeeded
+            if r.baseline is not None and r.candidate is not None
         ]
+        if len(changes) < len(succeeded) and now < timeout_at:
+            return Wait(
+                f"{name}: {len(changes)} of {len(succeeded)} devices reported an evaluation",
+                until=timeout_at,
+            )
         if not changes:
-            if now < timeout_at:
-                return Wait(f"{name}: waiting for the devices' evaluations", until=timeout_at)
             return Halt(
                 index,
                 f"{name}: no device reported an evaluation within "

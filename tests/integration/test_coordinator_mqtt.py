@@ -145,6 +145,21 @@ def test_a_device_identity_cannot_announce_a_release(mosquitto_tls: TlsBroker) -
         Announcer(link).announce(GROUP_A, "stable", repository_url=REPO_URL, timestamp_version=1)
 
 
+def test_only_the_coordinator_may_hint_a_device_on_its_own_release_topic(
+    mosquitto_tls: TlsBroker,
+) -> None:
+    b = mosquitto_tls
+    topic = topics.device_releases(DEVICE_A)
+    with _device(b, DEVICE_A) as device:
+        device.subscribe(topic)
+        with _link(b, COORDINATOR) as link:
+            link.publish(topic, b"wave")  # PUBACK success: the ACL lets it write
+        assert device.expect(topic).payload == b"wave"
+    for sender in (DEVICE_A, DEVICE_B):  # not the device itself, not another device
+        with _link(b, sender) as link, pytest.raises(RefusedError, match="refused"):
+            link.publish(topic, b"forged")
+
+
 # -- ingestion ---------------------------------------------------------------------------
 
 

@@ -185,6 +185,28 @@ DECIDE_CASES: list[tuple[str, Snapshot, type, tuple[str, ...]]] = [
             ADAPTER,
             [S.COMMITTED] * 5,
             now=100,
+            evals=[(10.0, 10.2), (10.0, 9.8), (10.0, 10.1), (10.0, 10.0), (10.0, 10.3)],
+        ),
+        PassWave,
+        ("median evaluation change +1.0% over 5 devices",),
+    ),
+    (
+        "adapter: some evaluations missing, wait for the rest until the timeout",
+        first_wave_running(
+            ADAPTER,
+            [S.COMMITTED] * 5,
+            now=100,
+            evals=[(10.0, 10.2), (10.0, 9.8), (10.0, 10.1), None, None],
+        ),
+        Wait,
+        ("3 of 5 devices reported an evaluation",),
+    ),
+    (
+        "adapter: at the timeout, judged on the evaluations that came",
+        first_wave_running(
+            ADAPTER,
+            [S.COMMITTED] * 5,
+            now=600,
             evals=[(10.0, 10.2), (10.0, 9.8), (10.0, 10.1), None, None],
         ),
         PassWave,
@@ -194,7 +216,7 @@ DECIDE_CASES: list[tuple[str, Snapshot, type, tuple[str, ...]]] = [
         "adapter: no evaluation yet, wait until the timeout",
         first_wave_running(ADAPTER, [S.COMMITTED] * 5, now=100),
         Wait,
-        ("waiting for the devices' evaluations",),
+        ("0 of 5 devices reported an evaluation",),
     ),
     (
         "adapter: no evaluation by the timeout halts",

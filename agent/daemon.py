@@ -30,7 +30,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,7 @@ async def _serve(
             retry_after_s=sched.retry_after_s,
         ),
         deadline_s=sched.request_deadline_s,
+        on_busy=_serving_marker(settings),
     )
     state = ServerState(
         holder=ModelHolder(engine),
@@ -338,6 +339,34 @@ def _notify_state(state: str) -> None:
             f"cannot notify the service manager of {state}: {e}",
             extra={"event": "notify_error", "state": state},
         )
+
+
+def _serving_marker(settings: AgentSettings) -> Callable[[bool], None] | None:
+    """With ``federated.serving_marker``: a file that exists while a request is in flight.
+
+    On-device training pauses while it exists (and eligibility counts idle time from its
+    last removal), so serving always wins over a round. A marker a crash left is removed
+    at start.
+    """
+    if settings.federated is None or settings.federated.serving_marker is None:
+        return None
+    marker = settings.federated.serving_marker
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
+
+    def busy(serving: bool) -> None:
+        try:
+            if serving:
+                marker.touch()
+            else:
+                marker.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning(
+                f"cannot {'create' if serving else 'remove'} the serving marker {marker}: {e}",
+                extra={"event": "serving_marker_error"},
+            )
+
+    return busy
 
 
 def _update_service(settings: AgentSettings, holder: ModelHolder[Any], link: Any) -> Any:

@@ -79,6 +79,9 @@ MODEL_DIR: Final = PurePosixPath("/opt/nanofleet/model")
 #: The federated defaults: the ClientApp unit's store, the SuperNode unit's state.
 FEDERATED_DATA_PATH: Final = PurePosixPath("/var/lib/nanofleet-federated/training-texts.sqlite3")
 SUPERNODE_STATE_DIR: Final = PurePosixPath("/var/lib/nanofleet-supernode")
+#: Exists while the agent serves a request: training pauses (the agent unit's second
+#: RuntimeDirectory, readable by the SuperNode and ClientApp units, unlike /run/nanofleet).
+SERVING_MARKER: Final = PurePosixPath("/run/nanofleet-serving/busy")
 FLOWER_DIR: Final = "flower"
 MQTT_TLS_PORT: Final = 8883
 _ROOT_MAX_BYTES: Final = MEMBER_MAX_BYTES
@@ -202,6 +205,7 @@ def agent_config(request: EnrollmentRequest, install_dir: PurePosixPath = INSTAL
             "node_key_file": str(install_dir / FLOWER_DIR / "supernode.key"),
             "data_path": str(request.federated_data_path),
             "state_dir": str(request.supernode_state_dir),
+            "serving_marker": str(SERVING_MARKER),
         }
     header = (
         f"# nanofleet agent settings for device {request.device_id}, written by "

@@ -111,8 +111,13 @@ class Scheduler:
         *,
         deadline_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_busy: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_busy(True)`` is called when the first request is admitted after an idle
+        spell, ``on_busy(False)`` when the last one is done (on the event loop: keep it
+        short)."""
         self.core = core
+        self._on_busy = on_busy
         self.deadline_s = deadline_s
         self._clock = clock
         self.executor = ThreadPoolExecutor(
@@ -158,6 +163,8 @@ class Scheduler:
         slot = Slot(self, key)
         started = self.core.submit(key, self._clock() + self.deadline_s)
         self._slots[key] = slot
+        if self._idle.is_set() and self._on_busy is not None:
+            self._on_busy(True)
         self._idle.clear()
         if not started:
             waiter = asyncio.get_running_loop().create_future()
@@ -224,8 +231,10 @@ class Scheduler:
 
     def _forget(self, key: int) -> None:
         self._slots.pop(key, None)
-        if not self._slots:
+        if not self._slots and not self._idle.is_set():
             self._idle.set()
+            if self._on_busy is not None:
+                self._on_busy(False)
 
     def _rearm(self) -> None:
         if self._timer is not None:

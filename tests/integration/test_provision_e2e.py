@@ -98,10 +98,13 @@ def unit_stand_in(dest: Path, credentials: Path) -> tuple[list[str], dict[str, s
     ]
     config = tomllib.loads((credentials / "agent.toml").read_text())
     (state,) = setting("StateDirectory")
-    (runtime,) = setting("RuntimeDirectory")
+    (runtimes,) = setting("RuntimeDirectory")
+    runtime, serving = runtimes.split()
     (group,) = setting("SupplementaryGroups")
     assert config["ota"]["state_dir"] == f"/var/lib/{state}"
     assert Path(config["server"]["socket_path"]).parent == Path(f"/run/{runtime}")
+    if "federated" in config:  # the marker sits where the SuperNode's units may see it
+        assert Path(config["federated"]["serving_marker"]).parent == Path(f"/run/{serving}")
     assert config["server"]["socket_group"] == group
     return argv, env
 
@@ -220,6 +223,7 @@ def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
                     # Where this test lets the agent write: the unit's StateDirectory= and
                     # RuntimeDirectory= in production (unit_stand_in checks the config agrees).
                     "NANOFLEET_SERVER__SOCKET_PATH": str(sock),
+                    "NANOFLEET_FEDERATED__SERVING_MARKER": str(tmp_path / "serving"),
                     "NANOFLEET_SERVER__SOCKET_GROUP": grp.getgrgid(os.getegid()).gr_name,
                     "NANOFLEET_OTA__STATE_DIR": str(tmp_path / "state"),
                     "NANOFLEET_OTA__POLL_INTERVAL_S": "0",

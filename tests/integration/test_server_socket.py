@@ -591,3 +591,40 @@ def test_the_readmes_device_guide_examples_work_as_written(agent: dict[str, Any]
         assert scope["reply"].choices[0].message.content
     finally:
         scope["http"].close()
+
+
+# -- Serving wins over training: the serving marker ---------------------------------------------
+
+
+def test_the_serving_marker_exists_exactly_while_a_request_is_served(
+    long_model_dir: Path, run_dir: Path
+) -> None:
+    """On-device training pauses while ``federated.serving_marker`` exists; the daemon must
+    create it when a request is admitted and remove it when the last one ends (a stale one,
+    left by a crash, is removed at start)."""
+    home = run_dir / "marker"
+    home.mkdir()
+    marker = home / "busy"
+    marker.touch()  # left over by a crashed agent
+    sock = home / "agent.sock"
+    config = write_config(home / "agent.toml", long_model_dir, sock)
+    config.write_text(
+        config.read_text("utf-8")
+        + f'\n[federated]\nsuperlink = "127.0.0.1:9092"\nca_file = "{home}/ca.crt"\n'
+        f'node_key_file = "{home}/node.key"\ndata_path = "{home}/texts.sqlite3"\n'
+        f'state_dir = "{home}/supernode"\nserving_marker = "{marker}"\n',
+        "utf-8",
+    )
+    with ManagedProcess([*AGENT, "--config", config], notify=True, name="agent") as proc:
+        proc.wait_ready(notified("READY=1"), timeout=60)
+        # The stale marker is gone (the start-up smoke generation is served too, briefly).
+        wait_for(lambda: not marker.exists(), "the stale marker to go")
+        s, _ = open_stream(sock)
+        try:
+            assert marker.exists()
+        finally:
+            s.close()  # the client leaves: the engine stops within a token
+        wait_for(lambda: not marker.exists(), "the marker to go once nothing is served")
+        with client(sock) as c:
+            c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}).raise_for_status()
+        assert not marker.exists()

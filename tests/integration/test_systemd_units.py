@@ -202,7 +202,11 @@ def test_agent_unit_is_a_watched_notify_service_with_its_socket_directory() -> N
     assert values(unit, "Type") == ["notify"]
     assert values(unit, "NotifyAccess") == ["main"]
     assert values(unit, "WatchdogSec")
-    assert values(unit, "RuntimeDirectory") == ["nanofleet"]
+    # The socket's directory, and the serving marker's, which the training units may see.
+    assert values(unit, "RuntimeDirectory") == ["nanofleet nanofleet-serving"]
+    for training in ("nanofleet-supernode.service", "nanofleet-clientapp.service"):
+        hidden = " ".join(values(training, "InaccessiblePaths")).split()
+        assert "-/run/nanofleet-serving" not in hidden, training
     assert values(unit, "StateDirectory") == ["nanofleet"]
     assert values(unit, "SupplementaryGroups") == ["nanofleet-clients"]
     assert "g nanofleet-clients -" in (UNITS_DIR / "nanofleet.sysusers.conf").read_text()

@@ -121,6 +121,7 @@ class EnrollmentRequest:
     superlink: str | None = None
     federated_data_path: PurePosixPath = FEDERATED_DATA_PATH
     supernode_state_dir: PurePosixPath = SUPERNODE_STATE_DIR
+    serving_marker: PurePosixPath = SERVING_MARKER
 
     def check(self) -> None:
         """Raise :class:`RefusedError` naming the first field that is invalid."""
@@ -153,6 +154,7 @@ class EnrollmentRequest:
             ("socket path", self.socket_path),
             ("federated data path", self.federated_data_path),
             ("supernode state dir", self.supernode_state_dir),
+            ("serving marker", self.serving_marker),
         ):
             if not path.is_absolute():
                 raise RefusedError(f"{what} {str(path)!r} must be an absolute path")
@@ -205,7 +207,7 @@ def agent_config(request: EnrollmentRequest, install_dir: PurePosixPath = INSTAL
             "node_key_file": str(install_dir / FLOWER_DIR / "supernode.key"),
             "data_path": str(request.federated_data_path),
             "state_dir": str(request.supernode_state_dir),
-            "serving_marker": str(SERVING_MARKER),
+            "serving_marker": str(request.serving_marker),
         }
     header = (
         f"# nanofleet agent settings for device {request.device_id}, written by "

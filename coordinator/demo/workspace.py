@@ -160,6 +160,7 @@ def provision(
         superlink=superlink,
         federated_data_path=PurePosixPath(home / "federated" / "training-texts.sqlite3"),
         supernode_state_dir=PurePosixPath(home / "supernode"),
+        serving_marker=PurePosixPath(home / "serving"),
     )
     root_json = (ws.repo_dir / "metadata" / "root.json").read_bytes()
     target = home / f"{device_id}.enroll"

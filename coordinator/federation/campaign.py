@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from tuf.api.metadata import Root, Targets
 
@@ -90,6 +90,10 @@ __all__ = [
     "metric_of",
     "run_round",
 ]
+
+#: The largest epsilon a round manifest records (:class:`protocol.rounds.Privacy`): a run
+#: whose noise would spend more is refused before any device trains.
+MAX_EPSILON: Final = 1000.0
 
 
 class Stage(StrEnum):
@@ -310,6 +314,13 @@ def _preflight(
     started_at: datetime,
 ) -> RoundManifest:
     manifest = plan_manifest(spec, base, started_at)
+    epsilon = spec.epsilon()
+    if epsilon is not None and epsilon > MAX_EPSILON:
+        raise RefusedError(
+            f"noise multiplier {spec.noise_multiplier:g} over {spec.rounds} round(s) spends "
+            f"epsilon {epsilon:.4g} at delta {spec.delta:g}, over the limit of {MAX_EPSILON:g} "
+            "a round manifest records; add noise (or train without noise, clipping only)"
+        )
     counts = registry.count_devices(DeviceFilter(group=spec.group))
     members = sum(counts.values())
     if members == 0:

@@ -315,6 +315,7 @@ def _nothing_published(c: Coordinator) -> None:
         ("no_channels_key", SigningKeyError, "channels role needs 1 key"),
         ("release_exists", RefusedError, "tiny 1.0.0 is already published"),
         ("canary_too_big", PlanError, "wave size 0 devices"),
+        ("epsilon_over_the_limit", RefusedError, "over the limit of 1000"),
     ],
 )
 def test_preflight_refuses_before_anything_is_recorded_or_trained(
@@ -338,6 +339,8 @@ def test_preflight_refuses_before_anything_is_recorded_or_trained(
         options["release"] = AdapterRelease("tiny", "1.0.0")
     elif case == "canary_too_big":
         options["canary"] = Canary(devices=0)
+    elif case == "epsilon_over_the_limit":
+        run = spec(noise_multiplier=0.02)
     with pytest.raises(error, match=message):
         start(coordinator, tmp_path / "round", flower=flower, progress=progress, run=run, **options)
     assert flower.runs == []

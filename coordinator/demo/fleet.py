@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from coordinator.demo.agents import Child, descendants, stop_pids
+from coordinator.demo.agents import Child
 from coordinator.demo.relay import CountingRelay
 from coordinator.errors import CoordinatorError
 from coordinator.federation.superlink import SuperLink
 from coordinator.local_broker import LocalBroker
+from coordinator.processes import descendants, stop_pids
 
 HOST = "127.0.0.1"
 POLL_INTERVAL_S = 0.2  # between two checks of a condition

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol, Self
 
 from coordinator.errors import CoordinatorError
+from coordinator.processes import descendants, stop_pids
 
 __all__ = [
     "APP_PYPROJECT",
@@ -224,15 +225,18 @@ class SuperLink:
         raise RunFailedError(f"flower-superlink did not start:\n{_tail(self.log_path)}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the SuperLink by its PID (SIGTERM, then SIGKILL)."""
+        """Stop the SuperLink by its PID (SIGTERM, then SIGKILL), then what it started and
+        left running (``flower-superexec``, a run's ``flwr-serverapp``)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
+            below = descendants(proc.pid)
             os.kill(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout_s)
+            stop_pids(below)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -24,6 +24,7 @@ from agent.federated.datastore import LocalTextStore, Source
 from agent.federated.supernode import SuperNode, SuperNodeConfig, ensure_node_key
 from coordinator.federation.superlink import FlowerCli, SuperLink, SuperLinkConfig
 from coordinator.pki import create_ca, issue_server, write_certificate, write_credential
+from coordinator.processes import descendants, is_running
 from tests.support.processes import free_port
 
 
@@ -189,4 +190,10 @@ class Fleet:
         for device in self.devices:
             device.node.stop()
         self.proxy.__exit__()
+        link_pid = self.link.pid
+        below = descendants(link_pid) if link_pid is not None else []
         self.link.stop()
+        # Stopping the SuperLink also stops what it started (flower-superexec, serverapps).
+        left = [pid for pid in below if is_running(pid)]
+        if exc_type is None:
+            assert not left, f"the SuperLink left processes running: {left}"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.demo.agents import descendants, stop_pids
 from coordinator.demo.relay import CountingRelay
+from coordinator.processes import descendants, stop_pids
 
 
 @pytest.fixture

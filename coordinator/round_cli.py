@@ -221,8 +221,8 @@ class _Quiet:
 def round_start(
     group: Annotated[str, typer.Option("--group", help="The device group that trains.")],
     rounds: Annotated[int, typer.Option("--rounds", help="Rounds of the run (>= 1).")] = 3,
-    rank: Annotated[int, typer.Option(help="Adapter rank (up to the base's maximum).")] = 4,
-    clip: Annotated[float, typer.Option(help="L2 norm each device's update is clipped to.")] = 1.0,
+    rank: Annotated[int, typer.Option(help="Adapter rank (up to the base's maximum).")] = 8,
+    clip: Annotated[float, typer.Option(help="L2 norm each device's update is clipped to.")] = 25.0,
     epsilon: Annotated[
         float | None,
         typer.Option(help="Privacy budget of the run: calibrates the noise (with --delta)."),

@@ -78,24 +78,28 @@ class RunSpec:
     cohort_size: int
     min_nodes: int
     secaggplus: bool = True
-    clip_norm: float = 1.0
+    #: Measured update norms are 14-20 with the default device settings: 25 bounds each
+    #: device's influence without shrinking a normal update (docs/federated.md).
+    clip_norm: float = 25.0
     noise_multiplier: float = 0.0
     delta: float = 1e-5
     #: Devices sampled per round / devices in the group (1.0: all take part every round).
     sampling_rate: float = 1.0
     rank: int = 8
     seed: int = 0
-    #: Local training settings sent to devices (see server_app.DEVICE_KEYS).
+    #: Local training settings sent to devices (see server_app.DEVICE_KEYS): what the
+    #: benchmark measured -15 to -17 % held-out perplexity with over 5 rounds (one pass of
+    #: at most 60 minibatches of 128 positions, Adam at 0.003; devices add the anchor term).
     device: dict[str, float | int] = field(
         default_factory=lambda: {
-            "epochs": 2,
-            "learning-rate": 0.01,
-            "batch-rows": 64,
+            "epochs": 1,
+            "learning-rate": 0.003,
+            "batch-rows": 128,
             "l2": 0.0,
-            "max-steps": 500,
+            "max-steps": 60,
             "max-compute-s": 60.0,
             "window": 128,
-            "max-rows": 8000,
+            "max-rows": 20000,
         }
     )
     timeout_s: float = 600.0

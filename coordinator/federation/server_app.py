@@ -59,6 +59,9 @@ DEVICE_KEYS = (
     "max-compute-s",
     "window",
     "max-rows",
+    "anchor-weight",
+    "anchor-rows",
+    "check-rows",
 )
 
 Array = np.ndarray[Any, Any]

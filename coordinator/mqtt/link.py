@@ -354,6 +354,58 @@ class MqttLink:
                 f"is {self.identity!r} allowed to publish there?"
             )
 
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], *, timeout_s: float = 10.0
+    ) -> None:
+        """Publish each ``(topic, payload)`` at QoS 1 without waiting in between, then wait
+        for every PUBACK (paho keeps its in-flight window). At most 10,000 messages, so
+        message ids cannot wrap around within one call.
+
+        Raises:
+            TransientError: not connected within ``timeout_s``, or PUBACKs missing then.
+            RefusedError: the broker refused at least one message (the first is named).
+        """
+        if len(messages) > 10_000:
+            raise ValueError(f"{len(messages)} messages in one call; at most 10,000")
+        deadline = time.monotonic() + timeout_s
+        if not self.wait_connected(timeout_s):
+            raise TransientError(
+                f"not connected to the MQTT broker {self.options.host}:{self.options.port} "
+                f"within {timeout_s:g} s"
+            )
+        started = time.monotonic()
+        pending: dict[int, str] = {}
+        for topic, payload in messages:
+            info = self._client.publish(topic, payload, qos=1)
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                raise TransientError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
+            pending[info.mid] = topic
+        refused: list[tuple[str, ReasonCode]] = []
+        with self._cond:
+            while True:
+                for mid in [
+                    m for m, (_, at) in self._acks.items() if m in pending and at >= started
+                ]:
+                    code, _ = self._acks.pop(mid)
+                    topic = pending.pop(mid)
+                    if code.is_failure:
+                        refused.append((topic, code))
+                if not pending:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransientError(
+                        f"no PUBACK for {len(pending)} of {len(messages)} messages within "
+                        f"{timeout_s:g} s"
+                    )
+                self._cond.wait(remaining)
+        if refused:
+            topic, code = refused[0]
+            raise RefusedError(
+                f"the broker refused {len(refused)} message(s), first on {topic}: {code} "
+                f"(0x{code.value:02x}); is {self.identity!r} allowed to publish there?"
+            )
+
     def probe(self) -> bytes:
         """Publish a probe on :attr:`probe_topic` now, without waiting; return its payload."""
         token = _PROBE_PREFIX + os.urandom(8).hex().encode()

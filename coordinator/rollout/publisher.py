@@ -48,6 +48,7 @@ log = logging.getLogger("nanofleet.coordinator.rollout")
 #: The release channel rollouts move unless configured otherwise (the agent's default too).
 DEFAULT_CHANNEL: Final = "stable"
 _MAX_TIMESTAMP_BYTES: Final = 64 * 1024
+_CHUNK: Final = 1000  # announcements published before waiting for their PUBACKs
 
 
 def repository_timestamp_version(repository_path: Path) -> int:
@@ -135,19 +136,24 @@ class MqttPublisher:
         """
         timestamp_version = self._timestamp_version()
         published_at = self._clock()
-        for device_id in device_ids:
-            message = ReleaseAnnouncement(
-                group=device_id,
-                channel=self._channel,
-                repository_url=self._url,
-                timestamp_version=timestamp_version,
-                published_at=published_at,
-            )
-            self._link.publish(
+        messages = [
+            (
                 topics.device_releases(device_id),
-                message.model_dump_json().encode(),
-                timeout_s=self._timeout_s,
+                ReleaseAnnouncement(
+                    group=device_id,
+                    channel=self._channel,
+                    repository_url=self._url,
+                    timestamp_version=timestamp_version,
+                    published_at=published_at,
+                )
+                .model_dump_json()
+                .encode(),
             )
+            for device_id in device_ids
+        ]
+        # Pipelined: one wait for a chunk's PUBACKs, not one per device.
+        for start in range(0, len(messages), _CHUNK):
+            self._link.publish_many(messages[start : start + _CHUNK], timeout_s=self._timeout_s)
         log.info(
             "announced %s %s to %d devices",
             release.name,

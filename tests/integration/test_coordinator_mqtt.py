@@ -160,6 +160,22 @@ def test_only_the_coordinator_may_hint_a_device_on_its_own_release_topic(
             link.publish(topic, b"forged")
 
 
+def test_publish_many_waits_for_every_puback_and_names_a_refusal(
+    mosquitto_tls: TlsBroker,
+) -> None:
+    b = mosquitto_tls
+    topic = topics.device_releases(DEVICE_A)
+    with _device(b, DEVICE_A) as device:
+        device.subscribe(topic)
+        with _link(b, COORDINATOR) as link:
+            link.publish_many([(topic, f"wave {i}".encode()) for i in range(200)])
+        device.expect(topic, b"wave 199")
+        got = [m.payload for m in device.messages if m.topic == topic]
+        assert got == [f"wave {i}".encode() for i in range(200)]  # every one, in order
+    with _link(b, DEVICE_B) as link, pytest.raises(RefusedError, match="refused 2 message"):
+        link.publish_many([(topic, b"forged"), (topics.device_releases(DEVICE_B), b"x")])
+
+
 # -- ingestion ---------------------------------------------------------------------------
 
 

@@ -320,8 +320,8 @@ def test_mqtt_publisher_tells_each_device_on_its_own_topic(sqlite_registry: Regi
     sent: list[tuple[str, bytes]] = []
 
     class Link:
-        def publish(self, topic: str, payload: bytes, *, timeout_s: float) -> None:
-            sent.append((topic, payload))
+        def publish_many(self, messages: list[tuple[str, bytes]], *, timeout_s: float) -> None:
+            sent.extend(messages)
 
     publisher = MqttPublisher(
         Link(),  # type: ignore[arg-type]

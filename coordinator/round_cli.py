@@ -18,6 +18,7 @@ SuperLink cannot be reached; 78 a bad or missing setting or signing key.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -412,21 +413,22 @@ def _start(
 ) -> RoundOutcome:
     try:
         base = _group_base(repository, spec.group, release.channel)
+        run = functools.partial(
+            run_round,
+            spec,
+            base=base,
+            registry=registry,
+            repository=repository,
+            driver=driver,
+            work_dir=work_dir,
+            release=release,
+            canary=canary,
+            gate=gate,
+            actor=_ACTOR,
+            poll_s=poll_s,
+        )
         if out.as_json:
-            return run_round(
-                spec,
-                base=base,
-                registry=registry,
-                repository=repository,
-                driver=driver,
-                work_dir=work_dir,
-                release=release,
-                canary=canary,
-                gate=gate,
-                actor=_ACTOR,
-                progress=_Quiet(),
-                poll_s=poll_s,
-            )
+            return run(progress=_Quiet())
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -441,20 +443,7 @@ def _start(
                 f"{spec.cohort_size}, base {base.name} {base.version}",
                 highlight=False,
             )
-            return run_round(
-                spec,
-                base=base,
-                registry=registry,
-                repository=repository,
-                driver=driver,
-                work_dir=work_dir,
-                release=release,
-                canary=canary,
-                gate=gate,
-                actor=_ACTOR,
-                progress=_RichProgress(bar, task, out.err),
-                poll_s=poll_s,
-            )
+            return run(progress=_RichProgress(bar, task, out.err))
     except RoundFailedError as e:
         out.fail(ExitCode.FAILURE, e.stage.value, f"round {e.round_id} failed: {e.reason}")
     except SigningKeyError as e:

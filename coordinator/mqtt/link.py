@@ -320,42 +320,21 @@ class MqttLink:
         retain: bool = False,
         timeout_s: float = 10.0,
     ) -> None:
-        """Publish at QoS 1 and wait for the broker's PUBACK.
+        """Publish at QoS 1 and wait for the broker's PUBACK (see :meth:`publish_many`).
 
         Raises:
             TransientError: the link is not connected within ``timeout_s``, or no PUBACK
                 came in time (the message may still be delivered later).
             RefusedError: the broker refused the message (e.g. not authorized).
         """
-        deadline = time.monotonic() + timeout_s
-        if not self.wait_connected(timeout_s):
-            raise TransientError(
-                f"not connected to the MQTT broker {self.options.host}:{self.options.port} "
-                f"within {timeout_s:g} s"
-            )
-        started = time.monotonic()
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            raise TransientError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
-        with self._cond:
-            while True:
-                ack = self._acks.get(info.mid)
-                if ack is not None and ack[1] >= started:
-                    del self._acks[info.mid]
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransientError(f"no PUBACK for {topic} within {timeout_s:g} s")
-                self._cond.wait(remaining)
-        code = ack[0]
-        if code.is_failure:
-            raise RefusedError(
-                f"the broker refused the message on {topic}: {code} (0x{code.value:02x}); "
-                f"is {self.identity!r} allowed to publish there?"
-            )
+        self.publish_many([(topic, payload)], retain=retain, timeout_s=timeout_s)
 
     def publish_many(
-        self, messages: Sequence[tuple[str, bytes]], *, timeout_s: float = 10.0
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        retain: bool = False,
+        timeout_s: float = 10.0,
     ) -> None:
         """Publish each ``(topic, payload)`` at QoS 1 without waiting in between, then wait
         for every PUBACK (paho keeps its in-flight window). At most 10,000 messages, so
@@ -376,7 +355,7 @@ class MqttLink:
         started = time.monotonic()
         pending: dict[int, str] = {}
         for topic, payload in messages:
-            info = self._client.publish(topic, payload, qos=1)
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
             if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
                 raise TransientError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
             pending[info.mid] = topic

@@ -176,22 +176,14 @@ def test_an_announcement_for_another_group_is_ignored_without_a_request(scene: S
     assert len(scene.server.requests) == requests
 
 
-def test_a_pointer_listed_by_the_adapters_role_is_never_seen(scene: SimScene) -> None:
+@pytest.mark.parametrize("whose", ["group", "device"])
+def test_a_pointer_listed_by_the_adapters_role_is_never_seen(scene: SimScene, whose: str) -> None:
     directory, v2 = scene.bundle("2.0.0")
     scene.sim.add_bundle(directory)
-    scene.sim.point(GROUP, CHANNEL, ref_of(v2), role=ADAPTERS_ROLE)
-    scene.sim.publish()
-    before = scene.device.installed_files()
-    outcome = scene.device.poll()
-    assert outcome.error is None
-    assert outcome.record.phase is Phase.IDLE
-    assert scene.device.installed_files() == before
-
-
-def test_a_device_pointer_listed_by_the_adapters_role_is_never_seen(scene: SimScene) -> None:
-    directory, v2 = scene.bundle("2.0.0")
-    scene.sim.add_bundle(directory)
-    scene.sim.point_device(DEVICE, CHANNEL, ref_of(v2), role=ADAPTERS_ROLE)
+    if whose == "group":
+        scene.sim.point(GROUP, CHANNEL, ref_of(v2), role=ADAPTERS_ROLE)
+    else:
+        scene.sim.point_device(DEVICE, CHANNEL, ref_of(v2), role=ADAPTERS_ROLE)
     scene.sim.publish()
     before = scene.device.installed_files()
     outcome = scene.device.poll()

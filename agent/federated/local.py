@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agent.errors import TrainingInputError
+from agent.federated.cache import FeatureCache, cache_key
 from agent.federated.datastore import LocalTextStore, Split
 from agent.federated.features import Features, extract_features, sample_anchor
 from agent.federated.lm_head import read_lm_head
@@ -41,6 +43,7 @@ from agent.federated.trainer import (
 )
 from agent.runtime import SamplingParams
 from agent.runtime.engine import Engine
+from protocol.bundle import MANIFEST_NAME
 
 __all__ = [
     "AnchorConfig",
@@ -87,6 +90,8 @@ class LocalModel:
 
     def __init__(self, model_dir: Path, *, threads: int = 1) -> None:
         self.engine = Engine.load(model_dir, threads=threads)
+        #: What cached arrays of this model are keyed by: its manifest names every file's hash.
+        self.identity = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
         self.w = read_lm_head(model_dir)
         self.separator = self.engine.encode("\n\n")
 
@@ -226,18 +231,21 @@ def train_round(
     *,
     checkpoint: Checkpoint | None = None,
     anchor: AnchorConfig = AnchorConfig(),
+    cache: FeatureCache | None = None,
 ) -> RoundReport:
     """Train ``start`` on the device's train split; return start + delta and numbers.
 
     With a positive ``config.anchor_weight`` the model first writes the anchor texts.
+    With a ``cache``, the hidden states of the texts and of the anchor come from it when
+    an earlier message of the same model computed them from the same inputs.
 
     Raises:
         TrainingInputError: the adapter does not fit the model, or too little local data.
         LocalDataError: the store cannot be opened.
     """
     model.check_adapter(start)
-    data = model.features(local_texts(data_path, Split.TRAIN), features)
-    anchor_h = model.anchor(anchor) if config.anchor_weight > 0 else None
+    data = _features(model, data_path, Split.TRAIN, features, cache)
+    anchor_h = _anchor(model, anchor, cache) if config.anchor_weight > 0 else None
     result = train(data.h, data.y, model.w, start, config, checkpoint=checkpoint, anchor=anchor_h)
     adapter = Adapter(
         a=(start.a + result.delta.a).astype(np.float32),
@@ -252,7 +260,12 @@ def train_round(
 
 
 def evaluate_round(
-    model: LocalModel, data_path: Path, adapter: Adapter | None, features: FeatureConfig
+    model: LocalModel,
+    data_path: Path,
+    adapter: Adapter | None,
+    features: FeatureConfig,
+    *,
+    cache: FeatureCache | None = None,
 ) -> tuple[float, int, dict[str, float]]:
     """Held-out NLL, positions and perplexities (base and with ``adapter``) on the device.
 
@@ -261,8 +274,37 @@ def evaluate_round(
     """
     if adapter is not None:
         model.check_adapter(adapter)
-    data = model.features(local_texts(data_path, Split.HELDOUT), features)
+    data = _features(model, data_path, Split.HELDOUT, features, cache)
     base = evaluate(data.h, data.y, model.w)
     tuned = evaluate(data.h, data.y, model.w, adapter) if adapter is not None else base
     metrics = {"perplexity": tuned.perplexity, "base_perplexity": base.perplexity}
     return tuned.nll, int(data.y.shape[0]), metrics
+
+
+def _features(
+    model: LocalModel,
+    data_path: Path,
+    split: Split,
+    config: FeatureConfig,
+    cache: FeatureCache | None,
+) -> Features:
+    texts = local_texts(data_path, split)
+    if cache is None:
+        return model.features(texts, config)
+    key = cache_key(model.identity, f"window={config.window} max_rows={config.max_rows}", texts)
+
+    def compute() -> dict[str, Array]:
+        data = model.features(texts, config)
+        return {"h": data.h, "y": data.y}
+
+    arrays = cache.get_or_compute(split.value, key, compute)
+    return Features(h=arrays["h"], y=arrays["y"])
+
+
+def _anchor(model: LocalModel, config: AnchorConfig, cache: FeatureCache | None) -> Array:
+    if cache is None:
+        return model.anchor(config)
+    key = cache_key(
+        model.identity, f"samples={config.samples} tokens={config.tokens} seed={config.seed}"
+    )
+    return cache.get_or_compute("anchor", key, lambda: {"h": model.anchor(config)})["h"]

@@ -9,7 +9,9 @@ trust lies in SuperNode authentication to the SuperLink, never in the invitation
 Invariants enforced on parse:
 
 - ``min_nodes <= cohort_size``; SecAgg+ needs ``min_nodes >= 3`` and
-  ``2 <= reconstruction_threshold <= num_shares <= cohort_size``;
+  ``2 <= reconstruction_threshold <= num_shares <= cohort_size``, ``modulus_range`` a power
+  of two with ``cohort_size * quantization_range < modulus_range`` (the masked sum does not
+  wrap);
 - ``finished_at >= started_at``; a ``result_sha256`` only on a finished run;
 - an invitation closes after it opens.
 """
@@ -43,7 +45,10 @@ class SecAggPlus(StrictModel):
     clipping_range: float = Field(gt=0, le=1e6)
     """Update values are clipped to ``[-clipping_range, clipping_range]`` before quantizing."""
     quantization_range: int = Field(ge=2, le=2**31)
-    """Clipped values are quantized to integers in ``[0, quantization_range)``."""
+    """Clipped values are quantized to integers in ``[0, quantization_range]``."""
+    modulus_range: int = Field(ge=2**8, le=2**62)
+    """Masked values and their sum are taken mod ``modulus_range``, a power of two above
+    ``quantization_range`` (devices send them in the narrowest unsigned dtype it divides)."""
 
     @model_validator(mode="after")
     def _threshold_fits(self) -> Self:
@@ -51,6 +56,13 @@ class SecAggPlus(StrictModel):
             raise ValueError(
                 f"reconstruction_threshold ({self.reconstruction_threshold}) exceeds "
                 f"num_shares ({self.num_shares})"
+            )
+        if self.modulus_range & (self.modulus_range - 1):
+            raise ValueError(f"modulus_range ({self.modulus_range}) is not a power of two")
+        if self.modulus_range <= self.quantization_range:
+            raise ValueError(
+                f"modulus_range ({self.modulus_range}) must exceed quantization_range "
+                f"({self.quantization_range})"
             )
         return self
 
@@ -104,6 +116,13 @@ class RoundManifest(Message):
                 raise ValueError(
                     f"aggregation.num_shares ({self.aggregation.num_shares}) exceeds "
                     f"cohort_size ({self.cohort_size})"
+                )
+            agg = self.aggregation
+            if self.cohort_size * agg.quantization_range >= agg.modulus_range:
+                raise ValueError(
+                    f"the sum of {self.cohort_size} devices' values in "
+                    f"[0, {agg.quantization_range}] overflows modulus_range "
+                    f"({agg.modulus_range})"
                 )
         if self.finished_at is not None and self.finished_at < self.started_at:
             raise ValueError("finished_at is before started_at")

@@ -20,7 +20,9 @@ Handlers:
   the model first writes its anchor texts (48 x 128 tokens). Mods on the train handler
   only: SecAgg+ (when the server runs the SecAgg+ workflow; it masks the update) around
   client-side fixed clipping (the update ``new - sent`` is clipped to the run's L2 norm
-  before it is masked).
+  before it is masked), all inside a mod that sends the masked arrays in the narrowest
+  unsigned dtype the run's SecAgg+ modulus divides (:mod:`agent.federated.upload`: 2 bytes
+  per value at a modulus of 2**16 instead of Flower's int64).
 - evaluate: held-out perplexity on the device's held-out split, base and with the adapter.
 
 What leaves the device: the adapter arrays (clipped, masked), example counts, and the
@@ -30,7 +32,7 @@ numbers listed in :class:`~agent.federated.local.RoundReport` metrics. Never tex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Context, Message
@@ -39,7 +41,12 @@ from flwr.client.message_handler.message_handler import handle_legacy_message_fr
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+)
 
 from agent.errors import TrainingInputError
 from agent.federated.local import (
@@ -51,6 +58,7 @@ from agent.federated.local import (
     yield_cpu,
 )
 from agent.federated.trainer import Adapter, TrainConfig
+from agent.federated.upload import narrow_masked
 
 __all__ = ["DEVICE_DEFAULTS", "app", "feature_config_from", "train_config_from"]
 
@@ -148,10 +156,29 @@ def _secaggplus_when_asked(msg: Message, ctxt: Context, call_next: ClientAppCall
     return call_next(msg, ctxt)
 
 
+def _narrow_secaggplus_upload(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """The reply's SecAgg+ masked arrays re-encoded by :func:`narrow_masked` with the modulus
+    the setup stage gave this node (``secaggplus_mod`` keeps it in the context's state);
+    every other reply unchanged."""
+    reply = call_next(msg, ctxt)
+    if reply.has_error() or RECORD_KEY_CONFIGS not in reply.content.config_records:
+        return reply
+    configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+    state = ctxt.state.config_records.get(RECORD_KEY_STATE)
+    if Key.MASKED_PARAMETERS not in configs or state is None or "mod_range" not in state:
+        return reply
+    mod_range = state["mod_range"]
+    if not isinstance(mod_range, int):
+        raise TrainingInputError(f"the SecAgg+ state's mod_range is {mod_range!r}")
+    masked = [bytes_to_ndarray(b) for b in cast(list[bytes], configs[Key.MASKED_PARAMETERS])]
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in narrow_masked(masked, mod_range)]
+    return reply
+
+
 app = ClientApp()
 
 
-@app.train(mods=[_secaggplus_when_asked, fixedclipping_mod])
+@app.train(mods=[_narrow_secaggplus_upload, _secaggplus_when_asked, fixedclipping_mod])
 def _train(msg: Message, context: Context) -> Message:
     return handle_legacy_message_from_msgtype(_client_fn, msg, context)
 

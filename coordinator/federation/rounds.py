@@ -58,6 +58,7 @@ __all__ = [
     "publish_adapter",
     "run_output_dir",
     "run_personalization",
+    "secaggplus_ranges",
 ]
 
 ADAPTER_FILE = ADAPTER_NAME
@@ -135,6 +136,29 @@ def run_output_dir(work_dir: Path) -> Path:
     return work_dir / "output"
 
 
+#: SecAgg+ clips each adapter value to [-8, 8] before quantizing it.
+SECAGG_CLIPPING_RANGE = 8.0
+#: Fewest quantization levels per value a 2**16 modulus must leave (else 2**32).
+_MIN_LEVELS_16 = 1 << 10
+
+
+def secaggplus_ranges(cohort: int) -> tuple[int, int]:
+    """SecAgg+'s ``(quantization_range, modulus_range)`` for a cohort of ``cohort`` devices.
+
+    Devices send masked values mod ``modulus_range`` in the narrowest unsigned dtype it
+    divides (:mod:`agent.federated.upload`), so a modulus of 2**16 is 2 bytes per adapter
+    value. Each device contributes at most ``quantization_range`` per value (and as its
+    weight factor, with one example per device and ``max_weight`` 1), so the cohort's sum
+    stays below the modulus with ``quantization_range = (modulus_range - 1) // cohort``.
+    2**16 is used while that leaves at least 2**10 levels (cohorts up to 63; 21845 levels,
+    a step of 16/21845 = 7.3e-4, for 3 devices); larger cohorts use 2**32 (4 bytes a value).
+    """
+    if cohort < 1:
+        raise ValueError(f"cohort must be positive, got {cohort}")
+    modulus = 1 << 16 if ((1 << 16) - 1) // cohort >= _MIN_LEVELS_16 else 1 << 32
+    return (modulus - 1) // cohort, modulus
+
+
 def plan_manifest(spec: RunSpec, base: BundleManifest, started_at: datetime) -> RoundManifest:
     """The manifest of ``spec`` on ``base`` as it starts (no epsilon, result or end yet).
 
@@ -152,12 +176,14 @@ def plan_manifest(spec: RunSpec, base: BundleManifest, started_at: datetime) -> 
     aggregation: FedAvg | SecAggPlus
     try:
         if spec.secaggplus:
+            quantization_range, modulus_range = secaggplus_ranges(spec.cohort_size)
             aggregation = SecAggPlus(
                 kind="secaggplus",
                 num_shares=spec.cohort_size,
                 reconstruction_threshold=max(2, spec.min_nodes - 1),
-                clipping_range=8.0,
-                quantization_range=1 << 22,
+                clipping_range=SECAGG_CLIPPING_RANGE,
+                quantization_range=quantization_range,
+                modulus_range=modulus_range,
             )
         else:
             aggregation = FedAvg(kind="fedavg")
@@ -226,6 +252,7 @@ def run_personalization(
         config["reconstruction-threshold"] = aggregation.reconstruction_threshold
         config["clipping-range"] = aggregation.clipping_range
         config["quantization-range"] = aggregation.quantization_range
+        config["modulus-range"] = aggregation.modulus_range
     app_dir = write_app(work_dir / "app", config)
     log = cli.run(app_dir, {}, spec.timeout_s)
     result_file = output / "result.npz"

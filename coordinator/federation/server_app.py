@@ -11,7 +11,11 @@ workflow API, because SecAgg+ exists only there:
   0 is clipping only (epsilon infinite);
 - ``secaggplus = true`` runs the SecAgg+ workflow: the server only ever sees the sum.
   Devices report one example each, so the mean is unweighted (the DP sensitivity
-  ``clip/cohort`` assumes equal weights) and SecAgg+'s ``max_weight`` is 1.
+  ``clip/cohort`` assumes equal weights) and SecAgg+'s ``max_weight`` is 1. The run config
+  names ``quantization-range`` and ``modulus-range``
+  (:func:`coordinator.federation.rounds.secaggplus_ranges`: 2**16 for cohorts up to 63,
+  whose devices then send 2 bytes per masked value); the server sums whatever unsigned or
+  int64 arrays arrive, which is exact mod a power-of-two modulus.
 
 Each round's fit and evaluate figures are appended to ``<output-dir>/metrics.jsonl``; the
 final aggregate is written to ``<output-dir>/result.npz`` (``lora_a``, ``lora_b``).
@@ -211,6 +215,7 @@ def _main(grid: Grid, context: Context) -> None:
             max_weight=1.0,
             clipping_range=float(config.get("clipping-range", 8.0)),
             quantization_range=int(config.get("quantization-range", 1 << 22)),
+            modulus_range=int(config.get("modulus-range", 1 << 32)),
         )
         workflow = DefaultWorkflow(fit_workflow=fit_workflow)
     else:

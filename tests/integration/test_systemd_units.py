@@ -221,3 +221,10 @@ def test_clientapp_reaches_only_loopback_and_not_the_agent() -> None:
         assert f"-{path}" in hidden, path
     for unit in ("nanofleet-supernode.service", "nanofleet-clientapp.service"):
         assert not values(unit, "SupplementaryGroups"), "the socket's group is for clients"
+
+
+def test_training_runs_in_the_idle_scheduling_class_below_the_agent() -> None:
+    unit = "nanofleet-clientapp.service"
+    assert values(unit, "CPUSchedulingPolicy") == ["idle"]
+    assert int(values(unit, "CPUWeight")[0]) < 100  # the agent keeps the default weight
+    assert not values("nanofleet-agent.service", "CPUSchedulingPolicy")

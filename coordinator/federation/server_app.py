@@ -5,10 +5,12 @@ FedAvg over the LM-head adapter ``(A [hidden, r], B [r, vocab])`` in Flower's le
 workflow API, because SecAgg+ exists only there:
 
 - every run clips each device's update ``new - sent`` to ``clip-norm`` on the device
-  (``fixedclipping_mod``) and adds Gaussian noise of std ``noise-multiplier x clip-norm /
-  cohort`` to the mean (:class:`DifferentialPrivacyClientSideFixedClipping`): client-level
-  DP whose epsilon :mod:`coordinator.federation.accountant` reports. ``noise-multiplier``
-  0 is clipping only (epsilon infinite);
+  (``fixedclipping_mod``), sums the updates of the devices that answered over the cohort
+  and adds Gaussian noise of std ``noise-multiplier x clip-norm / cohort``
+  (:class:`_ClientLevelDP`): client-level DP whose epsilon
+  :mod:`coordinator.federation.accountant` reports. ``noise-multiplier`` 0 is clipping
+  only (epsilon infinite). A round goes on when devices die mid-round as long as
+  ``min-nodes`` answer;
 - ``secaggplus = true`` runs the SecAgg+ workflow: the server only ever sees the sum.
   Devices report one example each, so the mean is unweighted (the DP sensitivity
   ``clip/cohort`` assumes equal weights) and SecAgg+'s ``max_weight`` is 1. The run config
@@ -26,6 +28,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.common import (
     EvaluateRes,
+    FitIns,
     FitRes,
     Parameters,
     Scalar,
@@ -156,6 +162,68 @@ class _Recorder(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
+class _ClientLevelDP(DifferentialPrivacyClientSideFixedClipping):
+    """Client-level DP over device-clipped updates, with a fixed denominator.
+
+    Flower's wrapper (whose ``configure_fit`` this keeps: it sends the clipping norm to the
+    devices' ``fixedclipping_mod``) applies no update to a round in which any device
+    failed, so one device that dies mid-round costs the whole round. Here a round applies
+    ``sent + (sum of the k clipped updates) / cohort + N(0, (z * clip / cohort)^2)`` when
+    ``k >= min_nodes`` devices answered, and nothing below that. The denominator is the
+    cohort whatever ``k``: one device changes the sum by at most ``clip``, so the mean's
+    sensitivity is ``clip / cohort`` and the noise multiplier ``z`` (hence the accountant's
+    epsilon) holds for partial rounds too (the fixed-denominator estimator of DP-FedAvg,
+    McMahan et al. 2018); the update is only shrunk by ``k / cohort``.
+
+    The inner FedAvg gives the survivors' mean (each device reports one example; with
+    SecAgg+ every result carries the unmasked mean of the survivors).
+    """
+
+    def __init__(
+        self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float,
+        cohort: int, min_nodes: int,
+    ) -> None:  # fmt: skip
+        super().__init__(strategy, noise_multiplier, clipping_norm, cohort)
+        self.min_nodes = min_nodes
+        self._sent: Parameters | None = None
+        self._rng = np.random.default_rng(secrets.randbits(128))
+
+    @property
+    def noise_stddev(self) -> float:
+        return self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._sent = parameters
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if len(results) < self.min_nodes or self._sent is None:
+            return None, {}
+        mean, metrics = self.strategy.aggregate_fit(server_round, results, [])
+        if mean is None:
+            return None, {}
+        share = len(results) / self.num_sampled_clients
+        new = [
+            sent + share * (got - sent) + self._noise(sent.shape)
+            for sent, got in zip(
+                parameters_to_ndarrays(self._sent), parameters_to_ndarrays(mean), strict=True
+            )
+        ]
+        return ndarrays_to_parameters([a.astype(np.float32) for a in new]), metrics
+
+    def _noise(self, shape: tuple[int, ...]) -> Array:
+        if self.noise_multiplier == 0:
+            return np.zeros(shape, np.float64)
+        return self._rng.normal(0.0, self.noise_stddev, size=shape)
+
+
 def _strategy(config: dict[str, Any], output_dir: Path) -> _Recorder:
     cohort = int(config["cohort-size"])
     min_nodes = int(config["min-nodes"])
@@ -169,7 +237,9 @@ def _strategy(config: dict[str, Any], output_dir: Path) -> _Recorder:
         fraction_evaluate=1.0,
         min_fit_clients=min_nodes,
         min_evaluate_clients=min_nodes,
-        min_available_clients=cohort,
+        # Not the cohort: a device the SuperLink has unlisted (dead) must not make every
+        # later round wait for it. _main waits for the whole cohort before the first round.
+        min_available_clients=min_nodes,
         on_fit_config_fn=fit_config,
         on_evaluate_config_fn=lambda _round: dict(device_config),
         initial_parameters=ndarrays_to_parameters(
@@ -181,18 +251,34 @@ def _strategy(config: dict[str, Any], output_dir: Path) -> _Recorder:
             )
         ),
     )
-    dp = DifferentialPrivacyClientSideFixedClipping(
+    dp = _ClientLevelDP(
         fedavg,
         noise_multiplier=float(config["noise-multiplier"]),
         clipping_norm=float(config["clip-norm"]),
-        num_sampled_clients=cohort,
+        cohort=cohort,
+        min_nodes=min_nodes,
     )
     constants = {
         "secaggplus": bool(config.get("secaggplus", False)),
-        "noise_stddev": dp.noise_multiplier * dp.clipping_norm / cohort,
+        "noise_stddev": dp.noise_stddev,
         "clip_norm": dp.clipping_norm,
     }
     return _Recorder(dp, output_dir, constants)
+
+
+def _wait_for_cohort(
+    grid: Grid, cohort: int, timeout_s: float, sleep: Callable[[float], None] = time.sleep
+) -> int:
+    """Wait until ``cohort`` nodes are connected or ``timeout_s`` passed; the count seen.
+
+    The first round then samples every connected node (at least ``min-nodes``, which
+    FedAvg waits for)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = len(list(grid.get_node_ids()))
+        if seen >= cohort or time.monotonic() >= deadline:
+            return seen
+        sleep(1.0)
 
 
 app = ServerApp()
@@ -204,6 +290,7 @@ def _main(grid: Grid, context: Context) -> None:
     output_dir = Path(str(config["output-dir"]))
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = _strategy(config, output_dir)
+    _wait_for_cohort(grid, int(config["cohort-size"]), float(config.get("join-timeout-s", 600)))
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=int(config["num-rounds"])), strategy=recorder
     )

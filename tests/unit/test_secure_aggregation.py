@@ -1,7 +1,7 @@
 """Secure aggregation, DP clipping and noise, and dropouts, through the production apps.
 
 The production ServerApp (``server_app._main``: ``DefaultWorkflow``, ``SecAggPlusWorkflow``
-when ``secaggplus``, FedAvg under ``DifferentialPrivacyClientSideFixedClipping``) drives
+when ``secaggplus``, FedAvg under the fixed-denominator ``_ClientLevelDP``) drives
 the production ClientApp (``client_app.app`` with its train mods: SecAgg+ around
 ``fixedclipping_mod``) over :class:`tests.support.inprocess_grid.InProcessGrid`. Only the
 device's training is replaced: each device's fit returns the adapter it was sent plus a
@@ -238,6 +238,18 @@ def _plain_mean(start: Sequence[Array], updates: Sequence[Update], clip: float) 
     ]
 
 
+def _partial_mean(
+    start: Sequence[Array], updates: Sequence[Update], clip: float, cohort: int
+) -> list[Array]:
+    """The fixed-denominator aggregate of a round some devices left: the survivors' clipped
+    updates summed over the whole cohort."""
+    clipped = [_clipped(u, clip) for u in updates]
+    return [
+        np.asarray(s, np.float64) + np.sum([c[i] for c in clipped], axis=0) / cohort
+        for i, s in enumerate(start)
+    ]
+
+
 def _max_error(got: Sequence[Array], want: Sequence[Array]) -> float:
     return max(
         float(np.max(np.abs(np.asarray(g, np.float64) - w))) for g, w in zip(got, want, strict=True)
@@ -404,15 +416,15 @@ def test_secaggplus_recovers_the_sum_of_the_survivors_when_one_node_drops_after_
         assert _max_error(params, want) <= run.quantum() + F32
     # With the dead node's update counted in, or without its masks removed, it would not be.
     assert _max_error(_plain_mean(run.start, updates, CLIP), want) > 20 * run.quantum()
-    # The round goes on (evaluation on the survivors) and records the failure. The DP
-    # wrapper keeps no partial noisy mean: the round's update is not applied
-    # (DifferentialPrivacyClientSideFixedClipping drops a round with any failure), so the
-    # single-round run ends without an aggregate.
+    # The round goes on and applies the survivors' update with the fixed denominator:
+    # start + (sum of the 3 clipped updates) / 4 (+ noise, none here).
     (row,) = run.rows
-    assert (row["fit_results"], row["fit_failures"], row["aggregated"]) == (3, failures, False)
+    assert (row["fit_results"], row["fit_failures"], row["aggregated"]) == (3, failures, True)
     assert (row["eval_nodes"], row["eval_failures"]) == (3, 1)
-    assert run.result is None
-    assert run.error is not None
+    assert run.result is not None
+    assert _max_error(run.result, _partial_mean(run.start, updates[:3], CLIP, 4)) <= (
+        run.quantum() + F32
+    )
 
 
 def test_secaggplus_halts_the_round_when_dropouts_leave_fewer_than_the_threshold(
@@ -476,8 +488,27 @@ def test_plain_fedavg_round_goes_on_when_one_node_fails_mid_round(
             <= F32
         )
     (row,) = run.rows
-    assert (row["fit_results"], row["fit_failures"], row["aggregated"]) == (3, 1, False)
+    assert (row["fit_results"], row["fit_failures"], row["aggregated"]) == (3, 1, True)
     assert row["eval_nodes"] == (3 if how == "node-unavailable" else 4)
+    assert run.result is not None
+    assert _max_error(run.result, _partial_mean(run.start, survivors, CLIP, 4)) <= F32
+
+
+def test_a_round_with_fewer_answers_than_min_nodes_applies_no_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _run(
+        tmp_path,
+        monkeypatch,
+        shape=SMALL,
+        updates=_updates(SMALL, [0.5, 1.0, 1.5, 3.0]),
+        secaggplus=False,
+        min_nodes=4,
+        failing=frozenset({103}),
+    )
+    (row,) = run.rows
+    assert (row["fit_results"], row["fit_failures"], row["aggregated"]) == (3, 1, False)
+    assert run.result is None
 
 
 @pytest.mark.xfail(
@@ -495,12 +526,6 @@ def test_a_device_that_did_not_move_the_adapter_does_not_fail_the_round(
     assert run.result is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server_app._strategy sets FedAvg's min_available_clients to the cohort: once the "
-    "SuperLink unlists a dead device (its heartbeat overdue), the round's next sample waits "
-    "up to 24 h for the whole cohort instead of going on with min-nodes",
-)
 def test_a_device_the_link_has_unlisted_does_not_stall_the_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

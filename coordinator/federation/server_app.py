@@ -162,6 +162,23 @@ class _Recorder(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
+class _CohortFedAvg(FedAvg):
+    """FedAvg that samples at most ``cohort`` of the connected nodes: the DP denominator
+    and the accountant's sampling rate assume no more take part."""
+
+    def __init__(self, *, cohort: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cohort = cohort
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        sample, needed = super().num_fit_clients(num_available_clients)
+        return min(sample, self.cohort), needed
+
+    def num_evaluation_clients(self, num_available_clients: int) -> tuple[int, int]:
+        sample, needed = super().num_evaluation_clients(num_available_clients)
+        return min(sample, self.cohort), needed
+
+
 class _ClientLevelDP(DifferentialPrivacyClientSideFixedClipping):
     """Client-level DP over device-clipped updates, with a fixed denominator.
 
@@ -232,7 +249,8 @@ def _strategy(config: dict[str, Any], output_dir: Path) -> _Recorder:
     def fit_config(server_round: int) -> dict[str, Scalar]:
         return {**device_config, "seed": int(config["seed"]) * 1000 + server_round}
 
-    fedavg = FedAvg(
+    fedavg = _CohortFedAvg(
+        cohort=cohort,
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=min_nodes,

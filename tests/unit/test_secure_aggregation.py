@@ -551,3 +551,20 @@ def test_a_device_the_link_has_unlisted_does_not_stall_the_round(
     )
     assert run.rows
     assert all(available for _, available in waits), waits
+
+
+def test_no_more_than_the_cohort_takes_part_when_more_nodes_are_connected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _updates(SMALL, [0.5, 1.0, 1.5, 3.0])
+    run = _run(
+        tmp_path,
+        monkeypatch,
+        shape=SMALL,
+        updates=updates,
+        secaggplus=False,
+        extra={"cohort-size": 3, "min-nodes": 3},
+    )
+    (row,) = run.rows
+    assert (row["fit_results"], row["eval_nodes"]) == (3, 3)
+    assert run.result is not None

@@ -268,12 +268,51 @@ def cohort_part(
 def flower_part(
     tiny_dir: Path, real_dir: Path, *, rounds: int, runs: int, real_rank: int
 ) -> dict[str, Any]:
+    """Round time of our app against Flower's minimal app, and what a device uploads.
+
+    Two runs of our app per repetition: without SecAgg+ (timed, for the overhead ratio against
+    the minimal app) and with it, as production runs (cohort 3, min nodes 3; upload only).
+    The captured upload of each is searched for the ``.npy`` arrays of the adapter's shapes
+    (Flower sends arrays as ``np.save`` bytes), whose headers give the bytes per adapter
+    value on the wire; the rest of the per-device upload is the fixed part (HTTP, SecAgg+
+    key exchange, array headers, the evaluate reply, polls). The real model's upload is that
+    fixed part plus its adapter's values at the measured bytes per value.
+    """
+    import ast
+
     from coordinator.federation.rounds import RunSpec, run_personalization
     from coordinator.federation.superlink import write_app
     from tests.support.federation import Fleet
 
+    def wire_arrays(data: bytes, shapes: set[tuple[int, ...]]) -> tuple[int, int]:
+        """(data bytes, values) of the ``.npy`` arrays of ``shapes`` in captured upload bytes
+        (their headers, ~128 bytes an array, count as the fixed part)."""
+        size = values = 0
+        at = data.find(b"\x93NUMPY")
+        while at >= 0:
+            try:
+                wide = data[at + 6] >= 2
+                head = at + (12 if wide else 10)
+                length = int.from_bytes(data[at + 8 : head], "little")
+                header = ast.literal_eval(data[head : head + length].decode("latin1"))
+                shape = tuple(header["shape"])
+                if shape in shapes:
+                    n = math.prod(shape)
+                    size += n * np.dtype(header["descr"]).itemsize
+                    values += n
+            except (ValueError, SyntaxError, KeyError, TypeError, IndexError):
+                pass  # a header split between two connections' chunks
+            at = data.find(b"\x93NUMPY", at + 1)
+        return size, values
+
     base = BundleManifest.model_validate_json((tiny_dir / MANIFEST_NAME).read_bytes())
+    assert base.model is not None
+    rank = 4
+    shapes: set[tuple[int, ...]] = {(base.model.hidden_size, rank), (rank, base.model.vocab_size)}
     ours_s, minimal_s, compute_s, upload = [], [], [], []
+    secagg_upload: list[float] = []
+    plain_bpv: list[float] = []
+    secagg_bpv: list[float] = []
     raw = 0
     for run in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -285,7 +324,7 @@ def flower_part(
                     fleet.add_device(f"d{piece.index}", piece.train_texts() + piece.heldout_texts())
                 spec = RunSpec(
                     round_id=f"bench-{run}", group="alpha", rounds=rounds, cohort_size=3,
-                    min_nodes=3, secaggplus=False, clip_norm=5.0, rank=4, timeout_s=600,
+                    min_nodes=3, secaggplus=False, clip_norm=5.0, rank=rank, timeout_s=600,
                 )  # fmt: skip
                 before = len(fleet.proxy.uploaded())
                 began = time.perf_counter()
@@ -295,7 +334,10 @@ def flower_part(
                     - began
                     - sum(r.get("train_compute_s", 0.0) for r in result.rounds)
                 )
-                upload.append((len(fleet.proxy.uploaded()) - before) / (3 * rounds))
+                sent = fleet.proxy.uploaded()[before:]
+                upload.append(len(sent) / (3 * rounds))
+                size, values = wire_arrays(sent, shapes)
+                plain_bpv.append(size / values)
                 raw = int(result.lora_a.nbytes + result.lora_b.nbytes)
                 compute_s.append(sum(r.get("train_compute_s", 0.0) for r in result.rounds))
                 app = write_app(
@@ -316,15 +358,30 @@ def flower_part(
                 began = time.perf_counter()
                 fleet.cli.run(app, {}, 600)
                 minimal_s.append(time.perf_counter() - began)
+                # As production runs: SecAgg+ on (2**16 modulus: 2-byte masked values).
+                secure = RunSpec(
+                    round_id=f"bench-{run}-secagg", group="alpha", rounds=rounds, cohort_size=3,
+                    min_nodes=3, secaggplus=True, clip_norm=5.0, rank=rank, timeout_s=600,
+                )  # fmt: skip
+                before = len(fleet.proxy.uploaded())
+                run_personalization(secure, base, fleet.cli, work / "secagg")
+                sent = fleet.proxy.uploaded()[before:]
+                secagg_upload.append(len(sent) / (3 * rounds))
+                size, values = wire_arrays(sent, shapes)
+                secagg_bpv.append(size / values)
     real = BundleManifest.model_validate_json((real_dir / MANIFEST_NAME).read_bytes())
     bundle_bytes = sum(f.size for f in real.files)
     assert real.model is not None
-    real_raw = real_rank * 4 * (real.model.hidden_size + real.model.vocab_size)  # float32
+    real_values = real_rank * (real.model.hidden_size + real.model.vocab_size)
+    tiny_values = rank * (base.model.hidden_size + base.model.vocab_size)
+    real_raw = real_values * 4  # float32
     factor = median(upload) / raw
     # What a device uploads per round = the adapter's bytes + a fixed part (HTTP requests,
     # the evaluate reply, polls); the real model's figure adds the measured fixed part to
-    # its adapter's size (arrays travel as raw float32 bytes).
-    fixed = median(upload) - raw
+    # its adapter's values at the measured bytes per value.
+    fixed = median(upload) - tiny_values * median(plain_bpv)
+    secagg_fixed = median(secagg_upload) - tiny_values * median(secagg_bpv)
+    real_secagg = secagg_fixed + real_values * median(secagg_bpv)
     return {
         "rounds": rounds,
         "runs": runs,
@@ -334,11 +391,18 @@ def flower_part(
         "upload_bytes_per_device_round_tiny": round(median(upload)),
         "adapter_raw_bytes_tiny": raw,
         "upload_overhead_factor": round(factor, 3),
+        "upload_bytes_per_value": round(median(plain_bpv), 3),
         "upload_fixed_bytes_per_round": round(fixed),
+        "secagg_upload_bytes_per_device_round_tiny": round(median(secagg_upload)),
+        "secagg_upload_bytes_per_value": round(median(secagg_bpv), 3),
+        "secagg_upload_fixed_bytes_per_round": round(secagg_fixed),
         "real_rank": real_rank,
+        "real_adapter_values": real_values,
         "real_upload_bytes_per_round": round(real_raw + fixed),
+        "real_secagg_upload_bytes_per_round": round(real_secagg),
         "real_bundle_bytes": bundle_bytes,
         "real_upload_pct_of_bundle": round(100 * (real_raw + fixed) / bundle_bytes, 3),
+        "real_secagg_upload_pct_of_bundle": round(100 * real_secagg / bundle_bytes, 3),
     }
 
 

@@ -4,7 +4,9 @@ It is installed with the agent and named by the run's app (``agent.federated.cli
 no code comes from the network. Each message runs in a fresh process started by the
 SuperNode, so everything is loaded from the node config on each call:
 
-- ``data-path``: the device's local text store (SQLite), read here and nowhere else;
+- ``data-path``: the device's local text store (SQLite), read here and nowhere else; the
+  hidden states computed from it (and the anchor's) are kept for the next message in
+  :class:`~agent.federated.cache.FeatureCache` beside it;
 - ``model-dir``: the base model directory the agent serves;
 - ``serving-marker`` (optional): a file that exists while the agent is serving; training
   pauses while it does (checked every ``check-rows`` rows of a minibatch).
@@ -19,8 +21,8 @@ Handlers:
   and returns the new adapter. The anchor term is on by default (:data:`DEVICE_DEFAULTS`):
   the model first writes its anchor texts (48 x 128 tokens). Mods on the train handler
   only: SecAgg+ (when the server runs the SecAgg+ workflow; it masks the update) around
-  client-side fixed clipping (the update ``new - sent`` is clipped to the run's L2 norm
-  before it is masked), all inside a mod that sends the masked arrays in the narrowest
+  client-side fixed clipping (``_clip_update``: the update ``new - sent`` is clipped to the
+  run's L2 norm before it is masked; an update of zero passes), all inside a mod that sends the masked arrays in the narrowest
   unsigned dtype the run's SecAgg+ modulus divides (:mod:`agent.federated.upload`: 2 bytes
   per value at a modulus of 2**16 instead of Flower's int64).
 - evaluate: held-out perplexity on the device's held-out split, base and with the adapter.
@@ -38,17 +40,25 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
-from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common import (
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
     Key,
 )
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from agent.errors import TrainingInputError
+from agent.federated.cache import FeatureCache
 from agent.federated.local import (
     FeatureConfig,
     LocalModel,
@@ -58,7 +68,7 @@ from agent.federated.local import (
     yield_cpu,
 )
 from agent.federated.trainer import Adapter, TrainConfig
-from agent.federated.upload import narrow_masked
+from agent.federated.upload import clip_update, narrow_masked
 
 __all__ = ["DEVICE_DEFAULTS", "app", "feature_config_from", "train_config_from"]
 
@@ -113,6 +123,7 @@ def _adapter(parameters: list[Array]) -> Adapter:
 class _DeviceClient(NumPyClient):
     def __init__(self, node_config: dict[str, Scalar]) -> None:
         self._data = Path(str(node_config["data-path"]))
+        self._cache = FeatureCache.beside(self._data)
         self._model_dir = Path(str(node_config["model-dir"]))
         marker = node_config.get("serving-marker")
         self._marker = Path(str(marker)) if marker else None
@@ -129,6 +140,7 @@ class _DeviceClient(NumPyClient):
             train_config_from(config),
             feature_config_from(config),
             checkpoint=serving_checkpoint(self._marker),
+            cache=self._cache,
         )
         # One "example" per device: the server's mean is unweighted, which client-level DP
         # assumes, and the count of local positions does not leave the device.
@@ -140,7 +152,7 @@ class _DeviceClient(NumPyClient):
         yield_cpu()
         model = LocalModel(self._model_dir)
         nll, n, metrics = evaluate_round(
-            model, self._data, _adapter(parameters), feature_config_from(config)
+            model, self._data, _adapter(parameters), feature_config_from(config), cache=self._cache
         )
         return nll, n, dict(metrics)
 
@@ -175,10 +187,30 @@ def _narrow_secaggplus_upload(msg: Message, ctxt: Context, call_next: ClientAppC
     return reply
 
 
+def _clip_update(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Client-side fixed clipping: the update ``new - sent`` scaled onto the L2 ball of the
+    clipping norm the server's DP strategy sends (Flower's ``KEY_CLIPPING_NORM``), by
+    :func:`clip_update`. Flower's ``fixedclipping_mod`` does the same but divides by the
+    update's norm, so a device whose update was exactly zero failed its fit."""
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    if KEY_CLIPPING_NORM not in fit_ins.config:
+        raise TrainingInputError(f"the round's config has no {KEY_CLIPPING_NORM!r}")
+    norm = float(fit_ins.config[KEY_CLIPPING_NORM])
+    sent = parameters_to_ndarrays(fit_ins.parameters)
+    reply = call_next(msg, ctxt)
+    if reply.has_error():
+        return reply
+    fit_res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    clipped = clip_update(parameters_to_ndarrays(fit_res.parameters), sent, norm)
+    fit_res.parameters = ndarrays_to_parameters(clipped)
+    reply.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return reply
+
+
 app = ClientApp()
 
 
-@app.train(mods=[_narrow_secaggplus_upload, _secaggplus_when_asked, fixedclipping_mod])
+@app.train(mods=[_narrow_secaggplus_upload, _secaggplus_when_asked, _clip_update])
 def _train(msg: Message, context: Context) -> Message:
     return handle_legacy_message_from_msgtype(_client_fn, msg, context)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.errors import TrainingInputError
 
-__all__ = ["narrow_dtype", "narrow_masked"]
+__all__ = ["clip_update", "narrow_dtype", "narrow_masked"]
 
 Array = np.ndarray[Any, Any]
 
@@ -63,3 +63,27 @@ def narrow_masked(arrays: list[Array], mod_range: int) -> list[Array]:
             )
         out.append(arr.astype(dtype))
     return out
+
+
+def clip_update(new: list[Array], sent: list[Array], norm: float) -> list[Array]:
+    """``sent + (new - sent) * min(1, norm / ||new - sent||)``, float32: the update scaled
+    onto the L2 ball of radius ``norm`` (client-level DP's sensitivity). An update already
+    inside it, including one of exactly zero, is returned unchanged.
+
+    Raises:
+        TrainingInputError: the arrays do not pair up, or ``norm`` is not positive.
+    """
+    if not norm > 0:
+        raise TrainingInputError(f"the round's clipping norm must be > 0, got {norm}")
+    if len(new) != len(sent) or any(n.shape != s.shape for n, s in zip(new, sent, strict=False)):
+        raise TrainingInputError("the update's arrays do not match the ones the round sent")
+    deltas = [
+        np.asarray(n, np.float64) - np.asarray(s, np.float64)
+        for n, s in zip(new, sent, strict=True)
+    ]
+    size = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas)))
+    scale = min(1.0, norm / size) if size > 0 else 1.0
+    return [
+        (np.asarray(s, np.float64) + d * scale).astype(np.float32)
+        for s, d in zip(sent, deltas, strict=True)
+    ]

@@ -3,7 +3,7 @@
 The production ServerApp (``server_app._main``: ``DefaultWorkflow``, ``SecAggPlusWorkflow``
 when ``secaggplus``, FedAvg under the fixed-denominator ``_ClientLevelDP``) drives
 the production ClientApp (``client_app.app`` with its train mods: SecAgg+ around
-``fixedclipping_mod``) over :class:`tests.support.inprocess_grid.InProcessGrid`. Only the
+``_clip_update``) over :class:`tests.support.inprocess_grid.InProcessGrid`. Only the
 device's training is replaced: each device's fit returns the adapter it was sent plus a
 known update.
 
@@ -320,7 +320,7 @@ def test_every_update_that_reaches_aggregation_is_within_the_clipping_bound(
     updates = _updates(SMALL, norms)
     run = _run(tmp_path, monkeypatch, shape=SMALL, updates=updates, secaggplus=secaggplus)
     if secaggplus:
-        # What each device handed to the SecAgg+ masking, i.e. after fixedclipping_mod.
+        # What each device handed to the SecAgg+ masking, i.e. after _clip_update.
         sent = dict(run.masked_inputs)
     else:
         # The fit replies, which is what the server aggregates without SecAgg+.
@@ -511,12 +511,6 @@ def test_a_round_with_fewer_answers_than_min_nodes_applies_no_update(
     assert run.result is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fixedclipping_mod divides the clipping norm by the update's norm: a device "
-    "whose update is exactly zero (no step trained) raises ZeroDivisionError, its fit "
-    "fails, and the DP wrapper then drops the whole round",
-)
 def test_a_device_that_did_not_move_the_adapter_does_not_fail_the_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -524,6 +518,7 @@ def test_a_device_that_did_not_move_the_adapter_does_not_fail_the_round(
     run = _run(tmp_path, monkeypatch, shape=SMALL, updates=updates, secaggplus=False)
     assert [d.outcome for d in run.grid.log if d.message_type == "train"] == ["ok"] * 3
     assert run.result is not None
+    assert _max_error(run.result, _plain_mean(run.start, updates, CLIP)) <= F32
 
 
 def test_a_device_the_link_has_unlisted_does_not_stall_the_round(

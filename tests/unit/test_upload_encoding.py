@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from agent.errors import TrainingInputError
 from agent.federated.client_app import _narrow_secaggplus_upload
-from agent.federated.upload import narrow_dtype, narrow_masked
+from agent.federated.upload import clip_update, narrow_dtype, narrow_masked
 from coordinator.federation.rounds import (
     SECAGG_CLIPPING_RANGE,
     RunSpec,
@@ -320,3 +320,44 @@ def test_the_manifest_refuses_a_cohort_whose_sum_would_wrap() -> None:
     data["aggregation"]["quantization_range"] = 3277  # 20 x 3277 >= 2**16
     with pytest.raises(ValidationError, match="overflows modulus_range"):
         RoundManifest.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("scale", "expected_norm"),
+    [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0), (3.0, 1.0), (1e6, 1.0)],
+    ids=["zero", "inside", "on-the-bound", "outside", "far-outside"],
+)
+def test_clip_update_scales_only_updates_beyond_the_norm(
+    scale: float, expected_norm: float
+) -> None:
+    rng = np.random.default_rng(3)
+    sent = [rng.normal(size=(4, 2)).astype(np.float32), rng.normal(size=(2, 6)).astype(np.float32)]
+    direction = [rng.normal(size=a.shape) for a in sent]
+    length = float(np.sqrt(sum(float(np.sum(d * d)) for d in direction)))
+    new = [
+        (s + d / length * scale).astype(np.float32) for s, d in zip(sent, direction, strict=True)
+    ]
+    got = clip_update(new, sent, 1.0)
+    deltas = [g.astype(np.float64) - s for g, s in zip(got, sent, strict=True)]
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas)))
+    assert norm == pytest.approx(expected_norm, abs=1e-5)
+    if scale <= 1.0:
+        for g, n in zip(got, new, strict=True):
+            np.testing.assert_allclose(g, n, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("new_shapes", "norm", "message"),
+    [
+        ([(4, 2)], 1.0, "do not match"),
+        ([(4, 2), (2, 5)], 1.0, "do not match"),
+        ([(4, 2), (2, 6)], 0.0, "clipping norm must be > 0"),
+        ([(4, 2), (2, 6)], float("nan"), "clipping norm must be > 0"),
+    ],
+)
+def test_clip_update_refuses_what_does_not_pair_up(
+    new_shapes: list[tuple[int, int]], norm: float, message: str
+) -> None:
+    sent = [np.zeros((4, 2), np.float32), np.zeros((2, 6), np.float32)]
+    with pytest.raises(TrainingInputError, match=message):
+        clip_update([np.zeros(s, np.float32) for s in new_shapes], sent, norm)

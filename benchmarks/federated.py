@@ -18,18 +18,20 @@ Three parts, one JSON line of every figure at the end:
    same protocol with many light clients (each a small slice of the domain, one local
    epoch), a sampled cohort per round (``q = cohort / population``), on the tiny model of
    the test suite (same builder, vocabulary ~380) so hundreds of clients fit in minutes.
-3. **Flower overhead (real processes, tiny model).** A SuperLink and 3 SuperNodes on
-   loopback (TLS, node auth): our app (FedAvg, clipping, no SecAgg) vs Flower's minimal
-   NumPy app (a ClientApp that returns the arrays it got) for the same rounds; the ratio
-   of round times after removing our on-device training compute. Bytes each device
-   uploaded per round are counted by a TLS-terminating proxy, and compared with the
-   adapter's raw size and the base bundle's size (real model figures computed from the
-   adapter's size plus the measured fixed part of a round's upload).
+3. **Flower overhead and upload (real processes, tiny model).** A SuperLink and 3
+   SuperNodes on loopback (TLS, node auth): our app (FedAvg, clipping, no SecAgg) vs
+   Flower's minimal NumPy app (a ClientApp that returns the arrays it got) for the same
+   rounds; the ratio of round times after removing our on-device training compute. Then
+   our app with SecAgg+ on, as production runs. The bytes each device uploaded per round
+   are counted by a TLS-terminating proxy and split into bytes per adapter value (read from
+   the arrays' headers) and a fixed part; the real model's upload is that fixed part plus
+   its adapter's values at the measured bytes per value, compared with its bundle's size.
 4. **Training yields to serving (real model).** First-token latency of a chat request
    with a training process stopped (SIGSTOP) vs running, alternating request by request so
-   that other load on a shared machine hits both alike, for each lever: pause checks at
-   minibatch boundaries only, every 8 rows, the idle scheduling class, both. The request
-   sets the serving marker the ClientApp's checkpoint watches.
+   that other load on a shared machine hits both alike, each request ``gap_s`` after the
+   previous one in both states, for each lever: pause checks at minibatch boundaries only,
+   every 8 rows, the idle scheduling class, both. The request sets the serving marker the
+   ClientApp's checkpoint watches.
 
     .venv/bin/python benchmarks/federated.py [--rounds 5] [--seeds 1] [--epsilons inf 8 2]
         [--max-chars 150000] [--train-rows 20000] [--clip 25] [--skip cohort flower ...]
@@ -443,7 +445,7 @@ YIELD_VARIANTS = (
 )
 
 
-def yield_part(model_dir: Path, *, requests: int) -> dict[str, Any]:
+def yield_part(model_dir: Path, *, requests: int, gap_s: float = 0.15) -> dict[str, Any]:
     """First-token latency with the trainer stopped vs running, for each of
     ``YIELD_VARIANTS`` (the agent sets the serving marker when a request arrives; the
     trainer pauses at its next check).
@@ -493,14 +495,18 @@ def yield_part(model_dir: Path, *, requests: int) -> dict[str, Any]:
                     raise RuntimeError("the training process did not start")
                 for i in range(2 * requests):
                     running = i % 2 == 1
+                    # Both states wait the same time after the previous request, so only
+                    # what the trainer did meanwhile differs (a request issued right after
+                    # the last one finds the engine's threads and caches warmer).
                     if running:
                         os.kill(pid, signal.SIGCONT)
-                        time.sleep(0.15)  # the trainer is back in its minibatches
+                        time.sleep(gap_s)  # the trainer is back in its minibatches
                         busy.append(first_token(marker))
                     else:
                         os.kill(pid, signal.SIGSTOP)
                         while not stopped(pid):
                             time.sleep(0.001)
+                        time.sleep(gap_s)
                         quiet.append(first_token(None))
             finally:
                 os.kill(pid, signal.SIGCONT)
@@ -521,7 +527,7 @@ def yield_part(model_dir: Path, *, requests: int) -> dict[str, Any]:
             "ratio": round(median(busy) / median(quiet), 3),
         }
         print(f"training yields to serving, {label}: {variants[label]}", flush=True)
-    return {"requests": requests, "variants": variants}
+    return {"requests": requests, "gap_s": gap_s, "variants": variants}
 
 
 def main() -> None:

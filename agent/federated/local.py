@@ -244,8 +244,10 @@ def train_round(
         LocalDataError: the store cannot be opened.
     """
     model.check_adapter(start)
+    began = time.perf_counter()
     data = _features(model, data_path, Split.TRAIN, features, cache)
     anchor_h = _anchor(model, anchor, cache) if config.anchor_weight > 0 else None
+    prep_s = time.perf_counter() - began
     result = train(data.h, data.y, model.w, start, config, checkpoint=checkpoint, anchor=anchor_h)
     adapter = Adapter(
         a=(start.a + result.delta.a).astype(np.float32),
@@ -255,6 +257,9 @@ def train_round(
         "train_loss": float(result.train_loss) if result.train_loss is not None else 0.0,
         "steps": float(result.steps),
         "compute_s": float(result.compute_s),
+        # The frozen model's passes over the texts and the anchor (or reading them from the
+        # cache): the rest of the device's training compute.
+        "prep_s": float(prep_s),
     }
     return RoundReport(adapter=adapter, num_examples=result.num_examples, metrics=metrics)
 
@@ -274,10 +279,15 @@ def evaluate_round(
     """
     if adapter is not None:
         model.check_adapter(adapter)
+    began = time.perf_counter()
     data = _features(model, data_path, Split.HELDOUT, features, cache)
     base = evaluate(data.h, data.y, model.w)
     tuned = evaluate(data.h, data.y, model.w, adapter) if adapter is not None else base
-    metrics = {"perplexity": tuned.perplexity, "base_perplexity": base.perplexity}
+    metrics = {
+        "perplexity": tuned.perplexity,
+        "base_perplexity": base.perplexity,
+        "compute_s": time.perf_counter() - began,
+    }
     return tuned.nll, int(data.y.shape[0]), metrics
 
 

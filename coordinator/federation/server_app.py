@@ -119,6 +119,7 @@ class _Recorder(Strategy):
             self.latest = params
         losses = [float(r.metrics.get("train_loss", 0.0)) for _, r in results if r.metrics]
         compute = [float(r.metrics.get("compute_s", 0.0)) for _, r in results if r.metrics]
+        prep = [float(r.metrics.get("prep_s", 0.0)) for _, r in results if r.metrics]
         self._write(
             server_round,
             fit_results=len(results),
@@ -127,6 +128,9 @@ class _Recorder(Strategy):
             train_loss=float(np.mean(losses)) if losses else None,
             # Devices train in parallel: the round waits for the slowest.
             train_compute_s=max(compute) if compute else 0.0,
+            # The frozen model's passes over each device's texts and anchor (cached after
+            # a run's first message): training compute too, reported apart.
+            train_prep_s=max(prep) if prep else 0.0,
         )
         return params, metrics
 
@@ -155,6 +159,9 @@ class _Recorder(Strategy):
             eval_perplexity=math.exp(loss) if loss is not None else None,
             perplexity_ratio=float(np.mean(ratios)) if ratios else None,
             device_perplexity=sorted(float(r.metrics["perplexity"]) for _, r in results),
+            eval_compute_s=max(
+                (float(r.metrics.get("compute_s", 0.0)) for _, r in results), default=0.0
+            ),
         )
         return loss, metrics
 

@@ -29,8 +29,9 @@ Three parts, one JSON line of every figure at the end:
 4. **Training yields to serving (real model).** First-token latency of a chat request
    with a training process stopped (SIGSTOP) vs running, alternating request by request so
    that other load on a shared machine hits both alike, each request ``gap_s`` after the
-   previous one in both states, for each lever: pause checks at minibatch boundaries only,
-   every 8 rows, the idle scheduling class, both. The request sets the serving marker the
+   previous one in both states, for each lever: pause checks every 128 rows (the
+   minibatch) or 32, the idle scheduling class, both; the trainer always also checks
+   between slices of the LM head product. The request sets the serving marker the
    ClientApp's checkpoint watches.
 
     .venv/bin/python benchmarks/federated.py [--rounds 5] [--seeds 1] [--epsilons inf 8 2]
@@ -450,10 +451,10 @@ def _train_forever(
 
 #: (label, batch rows, rows between pause checks, idle scheduling class)
 YIELD_VARIANTS = (
-    ("minibatch boundary", 32, 32, False),
-    ("every 8 rows", 32, 8, False),
-    ("idle class", 32, 32, True),
-    ("every 8 rows + idle class", 32, 8, True),
+    ("every 128 rows (the minibatch)", 128, 128, False),
+    ("every 32 rows", 128, 32, False),
+    ("every 128 rows + idle class", 128, 128, True),
+    ("every 32 rows + idle class (the device default)", 128, 32, True),
 )
 
 

@@ -22,9 +22,10 @@ Handlers:
   the model first writes its anchor texts (48 x 128 tokens). Mods on the train handler
   only: SecAgg+ (when the server runs the SecAgg+ workflow; it masks the update) around
   client-side fixed clipping (``_clip_update``: the update ``new - sent`` is clipped to the
-  run's L2 norm before it is masked; an update of zero passes), all inside a mod that sends the masked arrays in the narrowest
-  unsigned dtype the run's SecAgg+ modulus divides (:mod:`agent.federated.upload`: 2 bytes
-  per value at a modulus of 2**16 instead of Flower's int64).
+  run's L2 norm before it is masked; an update of zero passes), all inside a mod that
+  sends the masked arrays in the narrowest unsigned dtype the run's SecAgg+ modulus divides
+  (:mod:`agent.federated.upload`: 2 bytes per value at a modulus of 2**16 instead of
+  Flower's int64).
 - evaluate: held-out perplexity on the device's held-out split, base and with the adapter.
 
 What leaves the device: the adapter arrays (clipped, masked), example counts, and the
@@ -78,10 +79,12 @@ Scalar = bool | bytes | float | int | str
 
 #: Training settings a device applies unless the round's config names them: the anchor
 #: term that keeps the adapter off text of other kinds (general text got 10-40 % worse
-#: without it when the domain perplexity fell by 15-25 %), and a serving check every 8 rows
-#: of a minibatch (first-token latency during training 1.02-1.05x idle, against 1.6x when
-#: training paused only between minibatches; docs/federated.md).
-DEVICE_DEFAULTS: dict[str, Scalar] = {"anchor_weight": 100.0, "anchor_rows": 64, "check_rows": 8}
+#: without it when the domain perplexity fell by 15-25 %), and a serving check every 32 rows
+#: of a minibatch, and between slices of the LM head product within them
+#: (:data:`agent.federated.trainer.W_SLICE_ROWS`): first-token latency during training
+#: 1.03x idle; a check every 8 rows without slices gave 1.11x and took twice the time per
+#: step (docs/federated.md).
+DEVICE_DEFAULTS: dict[str, Scalar] = {"anchor_weight": 100.0, "anchor_rows": 64, "check_rows": 32}
 
 
 def train_config_from(config: dict[str, Scalar]) -> TrainConfig:

@@ -385,3 +385,35 @@ def test_an_anchor_weight_without_anchor_states_is_refused() -> None:
         train(h, y, w, init_adapter(16, 40, 2, 0), config)
     with pytest.raises(TrainingInputError, match=r"anchor hidden states must be \[M >= 1, 16\]"):
         train(h, y, w, init_adapter(16, 40, 2, 0), config, anchor=np.zeros((3, 5)))
+
+
+def test_checkpoint_is_asked_between_slices_of_the_lm_head_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The product with W is what takes the time (it streams the LM head from memory); the
+    trainer asks between slices of W's vocabulary rows, and stops inside one."""
+    import agent.federated.trainer as trainer
+
+    h, y, w = _teacher_problem(seed=14, n=40)
+    start = init_adapter(16, 40, 2, 0)
+    anchor = np.random.default_rng(3).normal(size=(10, 16)).astype(h.dtype)
+    config = TrainConfig(
+        epochs=1, batch_rows=20, check_rows=8, learning_rate=0.01, anchor_weight=0.5,
+        anchor_rows=6,
+    )  # fmt: skip
+    whole = train(h, y, w, start, config, anchor=anchor)
+    monkeypatch.setattr(trainer, "W_SLICE_ROWS", 16)  # vocab 40: slices of 16, 16, 8
+    calls: list[int] = []
+
+    def checkpoint() -> Directive:
+        calls.append(1)
+        return Directive.CONTINUE
+
+    sliced = train(h, y, w, start, config, checkpoint=checkpoint, anchor=anchor)
+    # Per minibatch: 3 chunks of rows and 1 of anchor rows, each asked before its 3 slices.
+    assert (sliced.steps, len(calls)) == (2, 2 * 4 * 3)
+    np.testing.assert_allclose(sliced.delta.a, whole.delta.a, atol=1e-6)
+    np.testing.assert_allclose(sliced.delta.b, whole.delta.b, atol=1e-6)
+    answers = iter([Directive.CONTINUE] * 13 + [Directive.ABORT])  # the 2nd slice of step 2
+    stopped = train(h, y, w, start, config, checkpoint=lambda: next(answers), anchor=anchor)
+    assert (stopped.stopped, stopped.steps) == (StopReason.ABORTED, 1)

@@ -180,7 +180,9 @@ def plan_manifest(spec: RunSpec, base: BundleManifest, started_at: datetime) -> 
             aggregation = SecAggPlus(
                 kind="secaggplus",
                 num_shares=spec.cohort_size,
-                reconstruction_threshold=max(2, spec.min_nodes - 1),
+                # Any min_nodes survivors can unmask a round (the most dropouts the run
+                # accepts anyway), and no fewer; below the number of shares, as SecAgg+ needs.
+                reconstruction_threshold=max(2, min(spec.min_nodes, spec.cohort_size - 1)),
                 clipping_range=SECAGG_CLIPPING_RANGE,
                 quantization_range=quantization_range,
                 modulus_range=modulus_range,

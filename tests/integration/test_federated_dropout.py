@@ -1,7 +1,8 @@
 """A device that dies mid-round does not stop the round: real SuperLink, real SuperNodes.
 
 Four devices of group ``alpha`` (disjoint slices of the domain data, tiny model) run 2
-rounds with SecAgg+ (4 shares, reconstruction threshold 3) and client-level DP noise;
+rounds with SecAgg+ (4 shares, reconstruction threshold 3: the round manifest's choice,
+any ``min_nodes`` survivors can unmask) and client-level DP noise;
 the run wants a cohort of 4 and needs ``min_nodes`` 3. As soon as one device's ClientApp
 has started its train message (it writes its feature cache ``<store>.cache/train-*.npz``
 during that message), the device's SuperNode and everything below it are killed with
@@ -25,7 +26,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +39,7 @@ import pytest
 from agent.federated.cache import FeatureCache
 from coordinator.demo.domain_data import device_slices
 from coordinator.federation.rounds import RunResult, RunSpec, run_personalization
-from coordinator.federation.superlink import FlowerCli, FlowerDriver
+from coordinator.federation.superlink import FlowerCli
 from coordinator.processes import descendants, is_running
 from protocol.bundle import MANIFEST_NAME, BundleManifest
 from tests.support.federation import Device, Fleet
@@ -71,22 +72,8 @@ SPEC = RunSpec(
     # 2 cores; the margin is for a busy machine.
     timeout_s=240.0,
 )
-#: SecAgg+ as the test wants it: every device shares with all 4, and the dead one's masks
-#: need all 3 survivors' shares (plan_manifest itself picks threshold min_nodes - 1 = 2).
-SECAGG = {"num-shares": 4, "reconstruction-threshold": 3}
 #: How long the test waits for the doomed device to start training.
 TRAIN_START_TIMEOUT_S = 90.0
-
-
-class _WithRunConfig:
-    """A :class:`FlowerDriver` that submits every run with ``overrides`` of its config."""
-
-    def __init__(self, inner: FlowerDriver, overrides: Mapping[str, Any]) -> None:
-        self.inner = inner
-        self.overrides = dict(overrides)
-
-    def run(self, app_dir: Path, run_config: Mapping[str, Any], timeout_s: float) -> str:
-        return self.inner.run(app_dir, {**run_config, **self.overrides}, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -143,7 +130,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> It
         for piece in device_slices("alpha", devices=4, max_chars=6000):
             fleet.add_device(f"kiosk-{piece.index}", piece.train_texts() + piece.heldout_texts())
         doomed = fleet.devices[-1]
-        driver = _WithRunConfig(fleet.cli, SECAGG)
+        driver = fleet.cli
         with ThreadPoolExecutor(max_workers=1) as pool:
             started = time.monotonic()
             future = pool.submit(run_personalization, SPEC, base, driver, work / "run")
@@ -193,6 +180,10 @@ def test_a_device_killed_mid_round_does_not_stop_the_round(dropout_run: DropoutR
     assert np.isfinite(result.lora_b).all()
     assert np.abs(result.lora_b).max() > 0  # B starts at zero: the rounds moved it
     assert result.manifest.finished_at is not None
+    # What the manifest records is what ran: any 3 survivors of 4 shares could unmask.
+    aggregation = result.manifest.aggregation
+    assert aggregation.kind == "secaggplus"
+    assert (aggregation.num_shares, aggregation.reconstruction_threshold) == (4, 3)
 
 
 def test_the_device_died_mid_round_and_stayed_dead(dropout_run: DropoutRun) -> None:

@@ -43,7 +43,8 @@ def enroll(
     if installed.node_public_key is not None:
         typer.echo(
             f"SuperNode key created; register its public key with the federation "
-            f"(on the coordinator): flwr supernode register {installed.node_public_key}"
+            f"(on the coordinator): nanofleet round register-node {installed.device_id} "
+            f"{installed.node_public_key}"
         )
     typer.echo(
         f"enrolled device {installed.device_id} into {installed.dest}\n"

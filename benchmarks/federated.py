@@ -328,7 +328,8 @@ def flower_part(
                     fleet.add_device(f"d{piece.index}", piece.train_texts() + piece.heldout_texts())
                 spec = RunSpec(
                     round_id=f"bench-{run}", group="alpha", rounds=rounds, cohort_size=3,
-                    min_nodes=3, secaggplus=False, clip_norm=5.0, rank=rank, timeout_s=600,
+                    min_nodes=3, nodes=fleet.node_ids(), secaggplus=False, clip_norm=5.0,
+                    rank=rank, timeout_s=600,
                 )  # fmt: skip
                 before = len(fleet.proxy.uploaded())
                 began = time.perf_counter()
@@ -373,7 +374,8 @@ def flower_part(
                 # As production runs: SecAgg+ on (2**16 modulus: 2-byte masked values).
                 secure = RunSpec(
                     round_id=f"bench-{run}-secagg", group="alpha", rounds=rounds, cohort_size=3,
-                    min_nodes=3, secaggplus=True, clip_norm=5.0, rank=rank, timeout_s=600,
+                    min_nodes=3, nodes=fleet.node_ids(), secaggplus=True, clip_norm=5.0,
+                    rank=rank, timeout_s=600,
                 )  # fmt: skip
                 before = len(fleet.proxy.uploaded())
                 run_personalization(secure, base, fleet.cli, work / "secagg")

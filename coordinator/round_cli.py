@@ -1,4 +1,5 @@
-"""`nanofleet round start` and `nanofleet round status`: federated rounds, on the coordinator host.
+"""`nanofleet round register-node`, `round start` and `round status`: federated rounds, on the
+coordinator host.
 
 Both read the coordinator's settings (``--config``, the file ``nanofleet serve`` reads, and
 ``NANOFLEET_`` variables): the registry (``database_url``), the repository
@@ -6,6 +7,8 @@ Both read the coordinator's settings (``--config``, the file ``nanofleet serve``
 the release ``channel``, and the SuperLink (``[federation]``: ``superlink``, ``ca_file``,
 ``work_dir``). ``start`` drives :func:`coordinator.federation.campaign.run_round` with a
 progress display on stderr; the run's base is the bundle the group's channel points at.
+``register-node`` registers a device's SuperNode key with the SuperLink and binds the node
+ID to the device: a run samples only the nodes bound to its group's devices.
 
 With ``--json`` each command prints exactly one JSON document on stdout (errors too:
 ``{"error", "field", "message"}``).
@@ -43,10 +46,12 @@ from coordinator.federation.campaign import (
     Stage,
     run_round,
 )
+from coordinator.federation.nodes import register_device_node
 from coordinator.federation.round_log import failure_reason
 from coordinator.federation.rounds import RunSpec
-from coordinator.federation.superlink import FlowerCli
+from coordinator.federation.superlink import FlowerCli, RunFailedError
 from coordinator.registry import (
+    ConflictError,
     DeviceFilter,
     NotFoundError,
     Online,
@@ -498,6 +503,60 @@ def _metrics_table(console: Console, run: RoundView) -> None:
             m.recorded_at.isoformat(timespec="seconds"),
         )
     console.print(table)
+
+
+@round_app.command("register-node")
+def round_register_node(
+    device: Annotated[str, typer.Argument(help="The device id (registered in the registry).")],
+    public_key: Annotated[
+        Path,
+        typer.Argument(
+            help="The device's SuperNode public key (OpenSSH line; nanofleet-agent enroll "
+            "writes it to flower/supernode.pub on the device)."
+        ),
+    ],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a device's SuperNode key with the SuperLink and bind its node ID to the device.
+
+    Only registered keys may connect, and a run samples only the nodes bound to the devices
+    of its group. A device that made a new key is registered again with it.
+    """
+    out = _Out(as_json)
+    settings = _load(config, out)
+    try:
+        federation = _federation(settings)
+    except ConfigError as e:
+        out.fail(ExitCode.CONFIG, "config", str(e))
+    driver = FlowerCli(federation.work_dir / "flwr-home", federation.superlink, federation.ca_file)
+    registry = _open(settings, out)
+    try:
+        if not driver.reachable():
+            out.fail(
+                ExitCode.UNAVAILABLE,
+                "federation.superlink",
+                f"the SuperLink at {federation.superlink} is not reachable",
+            )
+        try:
+            node = register_device_node(registry, driver, device, public_key, actor=_ACTOR)
+        except NotFoundError as e:
+            out.fail(ExitCode.BAD_INPUT, "device", str(e))
+        except RefusedError as e:
+            out.fail(ExitCode.BAD_INPUT, "public_key", str(e))
+        except (RunFailedError, ConflictError) as e:
+            out.fail(ExitCode.BAD_INPUT, "public_key", f"the SuperLink refused the key: {e}")
+    finally:
+        registry.engine.dispose()
+    if as_json:
+        out.emit(
+            {"device": node.device_id, "node_id": str(node.node_id), "key_sha256": node.key_sha256}
+        )
+        return
+    out.console.print(
+        f"{node.device_id}: SuperNode {node.node_id} (key sha256 {node.key_sha256[:16]}...)",
+        highlight=False,
+    )
 
 
 @round_app.command("status")

@@ -4,7 +4,8 @@
    fleet CA, SuperNode authentication, on a loopback port;
 2. each device gets its slice of the domain texts (:mod:`coordinator.demo.domain_data`,
    group ``alpha``: NumPy's documentation) and loads it with ``nanofleet-agent data
-   import``; its SuperNode key (created by ``nanofleet-agent enroll``) is registered;
+   import``; its SuperNode key (created by ``nanofleet-agent enroll``) is registered with
+   the SuperLink and its node ID bound to the device (``nanofleet round register-node``);
 3. each device starts ``nanofleet-agent supernode``, which checks that the device may train
    and starts its ``flower-supernode``; each reaches the SuperLink through its own
    byte-counting relay (:mod:`coordinator.demo.relay`);
@@ -46,6 +47,7 @@ from coordinator.federation.campaign import (
     Stage,
     run_round,
 )
+from coordinator.federation.nodes import register_device_node
 from coordinator.federation.rounds import RunSpec
 from coordinator.federation.superlink import FlowerCli, SuperLink, SuperLinkConfig
 from coordinator.registry import RoundMetricView, open_registry
@@ -261,11 +263,24 @@ def run_federated_round(
             f"   {name}: {documents} documents of NumPy's docs imported "
             f"(nanofleet-agent data import): {devices[name].store}"
         )
-    for name in names:
-        cli.register_node(homes[name] / "etc" / "flower" / "supernode.pub")
+    registry = open_registry(f"sqlite:///{ws.coordinator_dir / 'registry.sqlite3'}")
+    try:
+        nodes = [
+            register_device_node(
+                registry,
+                cli,
+                name,
+                homes[name] / "etc" / "flower" / "supernode.pub",
+                actor="nanofleet demo",
+            )
+            for name in names
+        ]
+    finally:
+        registry.engine.dispose()
     console.print(
-        f"   {len(names)} SuperNode public keys registered (flwr supernode register); each "
-        "private key was made on its device by nanofleet-agent enroll"
+        f"   {len(names)} SuperNode public keys registered and bound to their devices "
+        f"(nanofleet round register-node: node IDs {', '.join(str(n.node_id) for n in nodes)}); "
+        "each private key was made on its device by nanofleet-agent enroll"
     )
     for name in names:
         home = homes[name]

@@ -9,8 +9,10 @@ Steps, in order:
 
 1. **Preflight**, before anything is recorded or any device trains: the run fits the base
    model (:func:`~coordinator.federation.rounds.plan_manifest`), the group has registered
-   devices, the base is published in the repository, the signing keys the release needs
-   open, the release name and version are free, and the canary's waves fit the group.
+   devices and at least a cohort of them have a SuperNode bound (the run samples only
+   those node IDs, so another group's devices never train on this group's run), the base
+   is published in the repository, the signing keys the release needs open, the release
+   name and version are free, and the canary's waves fit the group.
 2. **Record** the run (``running``) with its planned manifest.
 3. **Run** it on the SuperLink in a worker thread while this thread records each round's
    figures from the ServerApp's ``metrics.jsonl`` as they appear (every ``poll_s``), so
@@ -40,7 +42,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -312,7 +314,8 @@ def _preflight(
     release: AdapterRelease,
     canary: Canary | None,
     started_at: datetime,
-) -> RoundManifest:
+) -> tuple[RunSpec, RoundManifest]:
+    """The run with its group's SuperNodes, and its planned manifest."""
     manifest = plan_manifest(spec, base, started_at)
     epsilon = spec.epsilon()
     if epsilon is not None and epsilon > MAX_EPSILON:
@@ -325,6 +328,13 @@ def _preflight(
     members = sum(counts.values())
     if members == 0:
         raise RefusedError(f"group {spec.group!r} has no registered devices")
+    nodes = tuple(n.node_id for n in registry.federation_nodes(spec.group))
+    if len(nodes) < spec.cohort_size:
+        raise RefusedError(
+            f"group {spec.group!r}: {len(nodes)} of its {members} devices have a SuperNode "
+            f"bound, fewer than the cohort of {spec.cohort_size} (register them with "
+            "nanofleet round register-node)"
+        )
     published = repository.find(base.name, base.version)
     if published is None or published.sha256 != bundle_hash(base):
         raise RefusedError(
@@ -345,7 +355,7 @@ def _preflight(
     if canary is not None:
         allocate(members, canary.waves(members))
         canary.thresholds()
-    return manifest
+    return replace(spec, nodes=nodes), manifest
 
 
 def _run_streaming(
@@ -421,7 +431,8 @@ def run_round(
 
     Raises:
         RefusedError: preflight refused the request before anything was recorded: the spec
-            does not fit the base, the group has no devices, the base is not published,
+            does not fit the base, the group has no devices or fewer SuperNodes bound than
+            the cohort, the base is not published,
             the release exists, or the canary's waves do not fit the group (``PlanError``).
         SigningKeyError: a key the release needs is missing or locked (before the run).
         ConflictError: a run with this id is already recorded.
@@ -432,7 +443,7 @@ def run_round(
     gate = gate or QualityGate()
     started_at = clock()
     show.stage(Stage.PREFLIGHT)
-    manifest = _preflight(spec, base, registry, repository, release, canary, started_at)
+    spec, manifest = _preflight(spec, base, registry, repository, release, canary, started_at)
     registry.create_round(manifest, actor=actor)
     recorded: dict[int, RoundMetric] = {}
 

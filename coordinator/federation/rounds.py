@@ -104,6 +104,10 @@ class RunSpec:
         }
     )
     timeout_s: float = 600.0
+    #: The SuperNode IDs of the group's devices (``registry.federation_nodes``): the only
+    #: nodes the run samples, whatever else the SuperLink serves. ``run_round`` fills it
+    #: from the registry; at least ``cohort_size`` are needed.
+    nodes: tuple[int, ...] = ()
 
     def epsilon(self) -> float | None:
         if self.noise_multiplier == 0:
@@ -232,6 +236,11 @@ def run_personalization(
     """
     hidden, vocab, _ = _base_info(base)
     manifest = plan_manifest(spec, base, started_at or datetime.now(UTC))
+    if len(set(spec.nodes)) < spec.cohort_size:
+        raise RefusedError(
+            f"run {spec.round_id!r} names {len(set(spec.nodes))} SuperNodes of group "
+            f"{spec.group!r}, fewer than its cohort of {spec.cohort_size}"
+        )
     aggregation = manifest.aggregation
     output = run_output_dir(work_dir)
     shutil.rmtree(output, ignore_errors=True)
@@ -247,6 +256,7 @@ def run_personalization(
         "hidden": hidden,
         "vocab": vocab,
         "output-dir": str(output),
+        "nodes": ",".join(str(n) for n in sorted(set(spec.nodes))),
         **spec.device,
     }
     if isinstance(aggregation, SecAggPlus):

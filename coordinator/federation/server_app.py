@@ -19,6 +19,11 @@ workflow API, because SecAgg+ exists only there:
   whose devices then send 2 bytes per masked value); the server sums whatever unsigned or
   int64 arrays arrive, which is exact mod a power-of-two modulus.
 
+A run trains only its group's devices: the run config's ``nodes`` lists the SuperNode IDs
+the coordinator bound to the group's devices when their keys were registered
+(:class:`_GroupGrid`); every other node the SuperLink serves (another group's, or a
+registered one not yet bound) is invisible to the run and never gets a message.
+
 Each round's fit and evaluate figures are appended to ``<output-dir>/metrics.jsonl``; the
 final aggregate is written to ``<output-dir>/result.npz`` (``lora_a``, ``lora_b``).
 """
@@ -30,12 +35,12 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message, RecordDict
 from flwr.common import (
     EvaluateRes,
     FitIns,
@@ -54,8 +59,9 @@ from flwr.server.strategy import (
     Strategy,
 )
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.supercore.run import Run
 
-__all__ = ["METRICS_FILE", "RESULT_FILE", "app", "initial_adapter"]
+__all__ = ["METRICS_FILE", "RESULT_FILE", "app", "initial_adapter", "parse_nodes"]
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.npz"
@@ -291,6 +297,78 @@ def _strategy(config: dict[str, Any], output_dir: Path) -> _Recorder:
     return _Recorder(dp, output_dir, constants)
 
 
+def parse_nodes(value: object) -> frozenset[int]:
+    """The run config's ``nodes``: SuperNode IDs, comma-separated decimal (they are
+    unsigned 64-bit, beyond the run config's signed integers).
+
+    Raises:
+        ValueError: no ID, or one that is not an unsigned 64-bit decimal.
+    """
+    text = str(value).strip()
+    ids: set[int] = set()
+    for part in text.split(",") if text else []:
+        part = part.strip()
+        if not part.isdecimal() or not 0 < int(part) < 1 << 64:
+            raise ValueError(f"nodes: {part!r} is not a SuperNode ID (an unsigned 64-bit integer)")
+        ids.add(int(part))
+    if not ids:
+        raise ValueError("nodes: the run names no SuperNode of its group")
+    return frozenset(ids)
+
+
+class _GroupGrid(Grid):
+    """The SuperLink as the run sees it: only the nodes of the run's group.
+
+    The legacy workflow learns of nodes from :meth:`get_node_ids` (its client manager polls
+    it), so a node missing here is never sampled, never counted toward the cohort, and
+    gets no SecAgg+ stage; a message addressed to one anyway is refused before it leaves.
+    """
+
+    def __init__(self, inner: Grid, nodes: frozenset[int]) -> None:
+        self._inner = inner
+        self.nodes = nodes
+
+    def set_run(self, run: Run) -> None:
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [nid for nid in self._inner.get_node_ids() if nid in self.nodes]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._inner.push_messages(self._checked(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._inner.send_and_receive(self._checked(messages), timeout=timeout)
+
+    def _checked(self, messages: Iterable[Message]) -> list[Message]:
+        out = list(messages)
+        for msg in out:
+            if msg.metadata.dst_node_id not in self.nodes:
+                raise PermissionError(
+                    f"node {msg.metadata.dst_node_id} is not one of the run's group"
+                )
+        return out
+
+
 def _wait_for_cohort(
     grid: Grid, cohort: int, timeout_s: float, sleep: Callable[[float], None] = time.sleep
 ) -> int:
@@ -315,6 +393,7 @@ def _main(grid: Grid, context: Context) -> None:
     output_dir = Path(str(config["output-dir"]))
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = _strategy(config, output_dir)
+    grid = _GroupGrid(grid, parse_nodes(config.get("nodes", "")))
     _wait_for_cohort(grid, int(config["cohort-size"]), float(config.get("join-timeout-s", 600)))
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=int(config["num-rounds"])), strategy=recorder

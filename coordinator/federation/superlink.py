@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -39,6 +40,7 @@ __all__ = [
     "SuperLink",
     "SuperLinkConfig",
     "flower_env",
+    "registered_node_id",
     "write_app",
 ]
 
@@ -248,6 +250,25 @@ class SuperLink:
         self.stop()
 
 
+def registered_node_id(output: str) -> int:
+    """The node ID in the JSON answer of ``flwr supernode register --format json``.
+
+    Raises:
+        RunFailedError: no JSON object with a positive ``node-id`` in ``output``.
+    """
+    answer: object = None
+    start = output.find("{")
+    while start >= 0 and not isinstance(answer, dict):
+        try:
+            answer = json.JSONDecoder().raw_decode(output, start)[0]
+        except json.JSONDecodeError:
+            start = output.find("{", start + 1)
+    node_id = answer.get("node-id") if isinstance(answer, dict) else None
+    if not isinstance(node_id, int) or isinstance(node_id, bool) or node_id <= 0:
+        raise RunFailedError(f"flwr supernode register named no node ID:\n{output[-1000:]}")
+    return node_id
+
+
 class FlowerCli:
     """The ``flwr`` CLI pointed at one SuperLink's Control API (its own ``FLWR_HOME``)."""
 
@@ -293,9 +314,19 @@ class FlowerCli:
         """Whether the SuperLink accepts TCP connections at its Control API's address."""
         return _tcp_open(self.control_address)
 
-    def register_node(self, public_key: Path, timeout_s: float = 30.0) -> str:
-        """Register a SuperNode's public key (OpenSSH, NIST EC) with the federation."""
-        return self._run(["supernode", "register", str(public_key), self.CONNECTION], timeout_s)
+    def register_node(self, public_key: Path, timeout_s: float = 30.0) -> int:
+        """Register a SuperNode's public key (OpenSSH, NIST EC) with the federation; return
+        the node ID the SuperLink gave it (the SuperNode connects as that node).
+
+        Raises:
+            RunFailedError: the CLI failed (a key registered already, among others) or its
+                answer names no node ID.
+        """
+        out = self._run(
+            ["supernode", "register", str(public_key), self.CONNECTION, "--format", "json"],
+            timeout_s,
+        )
+        return registered_node_id(out)
 
     def run(self, app_dir: Path, run_config: Mapping[str, Any], timeout_s: float) -> str:
         """Submit the app and stream its logs until the run ends; return them.

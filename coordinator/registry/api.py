@@ -43,6 +43,7 @@ from coordinator.registry.models import (
     Device,
     DeviceGroup,
     DeviceTag,
+    FederationNode,
     Heartbeat,
     HeartbeatHour,
     Release,
@@ -60,6 +61,7 @@ from coordinator.registry.views import (
     DecisionView,
     DeviceFilter,
     DeviceView,
+    FederationNodeView,
     Ingest,
     ReleaseView,
     RolloutSpec,
@@ -1217,6 +1219,64 @@ class Registry:
                 for m in metrics
             ),
         )
+
+    # -- federation nodes ----------------------------------------------------------------
+
+    def bind_federation_node(
+        self, device_id: str, node_id: int, *, key_sha256: str, actor: str
+    ) -> FederationNodeView:
+        """Record that ``device_id`` trains through SuperNode ``node_id`` (the ID the
+        SuperLink returned when the device's public key was registered); a device
+        registered again with a new key is bound to its new node.
+
+        Raises:
+            NotFoundError: no such device.
+            ConflictError: the node ID is bound to another device.
+            RefusedError: a node ID that is not an unsigned 64-bit integer, a key digest that
+                is not 64 hex digits, or a malformed actor.
+        """
+        _check_actor(actor)
+        if not 0 < node_id < 1 << 64:
+            raise RefusedError(f"node_id must be an unsigned 64-bit integer > 0, got {node_id}")
+        if len(key_sha256) != 64 or any(c not in "0123456789abcdef" for c in key_sha256):
+            raise RefusedError("key_sha256 must be 64 lowercase hex digits")
+        with self._write() as s:
+            if s.get(Device, device_id) is None:
+                raise NotFoundError(f"unknown device {device_id!r}")
+            owner = s.scalar(
+                select(FederationNode.device_id).where(FederationNode.node_id == str(node_id))
+            )
+            if owner is not None and owner != device_id:
+                raise ConflictError(f"SuperNode {node_id} is bound to device {owner!r}")
+            row = s.get(FederationNode, device_id)
+            now = self.now()
+            if row is None:
+                row = FederationNode(device_id=device_id)
+                s.add(row)
+            row.node_id, row.key_sha256, row.registered_at = str(node_id), key_sha256, now
+            self._audit(
+                s,
+                actor,
+                "federation.bind",
+                f"device/{device_id}",
+                {"node_id": str(node_id), "key_sha256": key_sha256},
+            )
+            return FederationNodeView(device_id, node_id, key_sha256, now)
+
+    def federation_nodes(self, group: str) -> list[FederationNodeView]:
+        """The SuperNodes of ``group``'s devices, by device id (devices without one are
+        left out)."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(FederationNode)
+                .join(DeviceGroup, DeviceGroup.device_id == FederationNode.device_id)
+                .where(DeviceGroup.name == group)
+                .order_by(FederationNode.device_id)
+            )
+            return [
+                FederationNodeView(r.device_id, int(r.node_id), r.key_sha256, r.registered_at)
+                for r in rows
+            ]
 
     # -- audit ---------------------------------------------------------------------------
 

@@ -296,6 +296,22 @@ class RoundMetric(Base):
     recorded_at: Mapped[datetime]
 
 
+class FederationNode(Base):
+    """The Flower SuperNode a device trains through (revision 0003): the node ID the
+    SuperLink gave the device's public key at registration. A federated run of a group
+    samples only its members' node IDs."""
+
+    __tablename__ = "federation_nodes"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Decimal text: Flower's node IDs are unsigned 64-bit, beyond a signed BIGINT.
+    node_id: Mapped[str] = mapped_column(String(20), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[datetime]
+
+
 class AuditEntry(Base):
     """An operator action: who did what, when (revision 0002)."""
 

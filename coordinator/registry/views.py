@@ -284,6 +284,16 @@ class RoundView:
 
 
 @dataclass(frozen=True)
+class FederationNodeView:
+    """The SuperNode a device trains through: its node ID and the key it was given for."""
+
+    device_id: str
+    node_id: int
+    key_sha256: str
+    registered_at: datetime
+
+
+@dataclass(frozen=True)
 class AuditView:
     """An audit log entry."""
 

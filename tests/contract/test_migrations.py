@@ -29,7 +29,7 @@ CORE_TABLES = {
     "update_records",
     "rollout_decisions",
 }
-LATER_TABLES = {"rounds", "round_metrics", "audit_log"}
+LATER_TABLES = {"rounds", "round_metrics", "audit_log", "federation_nodes"}
 T = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
@@ -38,11 +38,11 @@ def test_upgrade_empty_database_to_head(database_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(engine)
-        assert current_revision(engine) == head_revision() == "0002"
+        assert current_revision(engine) == head_revision() == "0003"
         tables = set(sa.inspect(engine).get_table_names())
         assert tables >= CORE_TABLES | LATER_TABLES
         upgrade(engine)  # a second upgrade is a no-op
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
     finally:
         engine.dispose()
 
@@ -138,6 +138,9 @@ def test_upgrade_previous_revision_with_data_to_head(database_url: str, clock: M
         # the tables of 0002 work on the upgraded database
         assert registry.create_round(make_round_manifest(), actor="op").state is RoundState.RUNNING
         assert registry.list_audit()[0].action == "round.create"
+        # and those of 0003
+        registry.bind_federation_node("dev-1", 7, key_sha256="a" * 64, actor="op")
+        assert [n.node_id for n in registry.federation_nodes("edge")] == [7]
     finally:
         engine.dispose()
 

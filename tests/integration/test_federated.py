@@ -14,6 +14,7 @@ runtime loads it.
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from agent.runtime import SamplingParams
 from agent.runtime.engine import Engine
 from coordinator.demo.domain_data import device_slices
 from coordinator.federation.campaign import AdapterRelease, RoundOutcome, metric_of, run_round
+from coordinator.federation.nodes import register_device_node
 from coordinator.federation.rounds import RunResult, RunSpec
 from coordinator.registry import Registry, RoundState, open_registry
 from coordinator.repository import KeyRing, Repository, env_passphrases
@@ -110,13 +112,23 @@ def federated_round(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -
     registry = open_registry(f"sqlite:///{work / 'registry.sqlite3'}")
     texts: dict[str, list[str]] = {}
     with Fleet(work, model_dir) as fleet:
+
+        def register(name: str, public_key: Path) -> int:
+            # What `nanofleet round register-node` does: the SuperLink's node ID, bound.
+            return register_device_node(registry, fleet.cli, name, public_key, actor="test").node_id
+
         for piece in device_slices("alpha", devices=3, max_chars=6000):
             name = f"kiosk-{piece.index}"
             texts[name] = piece.train_texts() + piece.heldout_texts()
-            fleet.add_device(name, texts[name])
             registry.register_device(name, groups=["alpha"], actor="test")
+            fleet.add_device(name, texts[name], registrar=register)
         # A fourth box whose node key the operator never registered.
         fleet.add_device("intruder", texts["kiosk-0"][:3], register=False)
+        # A fifth, registered and connected, of another group (another domain's text).
+        (other,) = device_slices("beta", devices=1, max_chars=6000)
+        texts["till-0"] = other.train_texts() + other.heldout_texts()
+        registry.register_device("till-0", groups=["beta"], actor="test")
+        fleet.add_device("till-0", texts["till-0"], registrar=register)
         outcome = run_round(
             SPEC,
             base=base,
@@ -164,6 +176,21 @@ def test_an_unregistered_node_is_refused(federated_round: Round) -> None:
     assert "Received successfully" not in intruder.node.log_text()
     assert "Start `flwr-clientapp` process" not in intruder.node.log_text()
     assert all(row["eval_nodes"] == 3 for row in federated_round.result.rounds)
+
+
+def test_a_device_of_another_group_takes_no_part(federated_round: Round) -> None:
+    other = federated_round.fleet.devices[4]
+    assert other.name == "till-0"
+    assert other.node_id is not None
+    # Registered, bound to group beta and connected, yet the alpha run never sampled it:
+    # it got no message, so it never computed anything from its text or uploaded a byte.
+    assert "Received successfully" not in other.node.log_text()
+    assert "Start `flwr-clientapp` process" not in other.node.log_text()
+    app = federated_round.work / "round" / "run" / "app" / "pyproject.toml"
+    config = tomllib.loads(app.read_text("utf-8"))["tool"]["flwr"]["app"]["config"]
+    alpha = {d.node_id for d in federated_round.fleet.devices[:3]}
+    assert {int(n) for n in config["nodes"].split(",")} == alpha
+    assert [n.device_id for n in federated_round.registry.federation_nodes("beta")] == ["till-0"]
 
 
 def test_the_registry_holds_the_run_its_rounds_and_the_release(federated_round: Round) -> None:

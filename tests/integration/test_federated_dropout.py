@@ -28,7 +28,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,8 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> It
         driver = fleet.cli
         with ThreadPoolExecutor(max_workers=1) as pool:
             started = time.monotonic()
-            future = pool.submit(run_personalization, SPEC, base, driver, work / "run")
+            spec = replace(SPEC, nodes=fleet.node_ids())
+            future = pool.submit(run_personalization, spec, base, driver, work / "run")
             deadline = started + TRAIN_START_TIMEOUT_S
             while not _train_started(doomed):
                 assert not future.done(), f"the run ended before {doomed.name} trained"

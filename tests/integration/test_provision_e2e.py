@@ -214,7 +214,7 @@ def test_a_provisioned_device_connects_under_mtls_registers_and_takes_a_release(
             dest = tmp_path / "etc-nanofleet"
             result = CliRunner().invoke(agent_cli, ["enroll", str(bundle), "--dest", str(dest)])
             assert result.exit_code == 0, result.output
-            assert "flwr supernode register" in result.output
+            assert f"nanofleet round register-node {DEVICE} " in result.output
             check_supernode_files(dest, tmp_path / "supernode-credentials")
             # Start it the way its systemd unit does (credentials, environment, ExecStart).
             argv, env = unit_stand_in(dest, tmp_path / "credentials")

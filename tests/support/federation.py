@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -119,6 +120,8 @@ class Device:
     name: str
     data_path: Path
     node: SuperNode
+    #: The node ID the SuperLink gave its key (None: never registered).
+    node_id: int | None = None
 
 
 @dataclass
@@ -149,8 +152,19 @@ class Fleet:
         self.proxy = CaptureProxy(self.link.config.port, files.certificate, files.key, self.ca_file)
         self.cli = FlowerCli(self.work / "operator", self.link.config.address, self.ca_file)
 
-    def add_device(self, name: str, texts: list[str], *, register: bool = True) -> Device:
-        """Create the device's store with ``texts``, its node key, and start its SuperNode."""
+    def add_device(
+        self,
+        name: str,
+        texts: list[str],
+        *,
+        register: bool = True,
+        registrar: Callable[[str, Path], int] | None = None,
+    ) -> Device:
+        """Create the device's store with ``texts``, its node key, and start its SuperNode.
+
+        The key is registered with the SuperLink (unless ``register`` is false) by
+        ``registrar(name, public_key)`` when given (which returns the node ID), else by the
+        ``flwr`` CLI directly."""
         home = self.work / name
         data_path = home / "training-texts.sqlite3"
         store = LocalTextStore.open(data_path)
@@ -159,8 +173,13 @@ class Fleet:
         finally:
             store.close()
         key = ensure_node_key(home / "keys")
+        node_id: int | None = None
         if register:
-            self.cli.register_node(key.public_key)
+            node_id = (
+                registrar(name, key.public_key)
+                if registrar is not None
+                else self.cli.register_node(key.public_key)
+            )
         node = SuperNode(
             SuperNodeConfig(
                 superlink=f"127.0.0.1:{self.proxy.port}",
@@ -172,9 +191,17 @@ class Fleet:
                 clientappio_port=free_port(),
             )
         ).start()
-        device = Device(name, data_path, node)
+        device = Device(name, data_path, node, node_id)
         self.devices.append(device)
         return device
+
+    def node_ids(self, names: list[str] | None = None) -> tuple[int, ...]:
+        """The registered node IDs of the devices named (default: all registered ones)."""
+        return tuple(
+            d.node_id
+            for d in self.devices
+            if d.node_id is not None and (names is None or d.name in names)
+        )
 
     def __enter__(self) -> Self:
         self.link.start()

@@ -40,6 +40,9 @@ from tests.support.repo_simulator import write_base_bundle
 
 GROUP = "alpha"
 DEVICES = ("kiosk-0", "kiosk-1", "kiosk-2")
+#: The SuperNode IDs bound to DEVICES, and to a device of another group.
+NODES = (101, 102, 103)
+OTHER_GROUP_NODE = 201
 PASSPHRASES = env_passphrases({"NANOFLEET_KEY_PASSPHRASE": "round test passphrase"})
 ONLINE_ROLES = ("snapshot", "timestamp", "adapters", "channels")
 
@@ -52,12 +55,14 @@ class FakeFlower:
     ratios: list[float] = field(default_factory=lambda: [0.97, 0.93])
     fail_after: int | None = None  # rounds written before the run fails
     runs: list[Path] = field(default_factory=list)
+    configs: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, app_dir: Path, run_config: Mapping[str, Any], timeout_s: float) -> str:
         self.runs.append(app_dir)
         config = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
             "config"
         ]
+        self.configs.append(config)
         output = Path(config["output-dir"])
         output.mkdir(parents=True, exist_ok=True)
         for number in range(1, int(config["num-rounds"]) + 1):
@@ -144,8 +149,13 @@ def make_coordinator(work: Path, registry: Registry) -> Coordinator:
     base = write_base_bundle(work / "base")
     repo.add_bundle(work / "base")
     repo.point(GROUP, "stable", base.name, base.version)
-    for device in DEVICES:
+    for device, node in zip(DEVICES, NODES, strict=True):
         registry.register_device(device, groups=[GROUP], actor="test")
+        registry.bind_federation_node(device, node, key_sha256=f"{node:064x}", actor="test")
+    registry.register_device("till-0", groups=["beta"], actor="test")
+    registry.bind_federation_node(
+        "till-0", OTHER_GROUP_NODE, key_sha256=f"{OTHER_GROUP_NODE:064x}", actor="test"
+    )
     return Coordinator(repo_path, online, base, registry)
 
 
@@ -308,7 +318,7 @@ def _nothing_published(c: Coordinator) -> None:
 @pytest.mark.parametrize(
     ("case", "error", "message"),
     [
-        ("unknown_group", RefusedError, "group 'beta' has no registered devices"),
+        ("unknown_group", RefusedError, "group 'gamma' has no registered devices"),
         ("rank_above_base", RefusedError, "rank 16 is outside 1..8"),
         ("secaggplus_needs_three", RefusedError, "SecAgg\\+ needs at least 3 devices"),
         ("no_adapters_key", SigningKeyError, "adapters role needs 1 key"),
@@ -316,6 +326,11 @@ def _nothing_published(c: Coordinator) -> None:
         ("release_exists", RefusedError, "tiny 1.0.0 is already published"),
         ("canary_too_big", PlanError, "wave size 0 devices"),
         ("epsilon_over_the_limit", RefusedError, "over the limit of 1000"),
+        (
+            "fewer_supernodes_than_the_cohort",
+            RefusedError,
+            "3 of its 4 devices have a SuperNode bound, fewer than the cohort of 4",
+        ),
     ],
 )
 def test_preflight_refuses_before_anything_is_recorded_or_trained(
@@ -326,7 +341,7 @@ def test_preflight_refuses_before_anything_is_recorded_or_trained(
     options: dict[str, Any] = {}
     run = spec()
     if case == "unknown_group":
-        run = spec(group="beta")
+        run = spec(group="gamma")
     elif case == "rank_above_base":
         run = spec(rank=16)
     elif case == "secaggplus_needs_three":
@@ -341,10 +356,24 @@ def test_preflight_refuses_before_anything_is_recorded_or_trained(
         options["canary"] = Canary(devices=0)
     elif case == "epsilon_over_the_limit":
         run = spec(noise_multiplier=0.02)
+    elif case == "fewer_supernodes_than_the_cohort":
+        coordinator.registry.register_device("kiosk-3", groups=[GROUP], actor="test")
+        run = spec(cohort_size=4, min_nodes=4)
     with pytest.raises(error, match=message):
         start(coordinator, tmp_path / "round", flower=flower, progress=progress, run=run, **options)
     assert flower.runs == []
     assert coordinator.registry.list_rounds() == []
+
+
+def test_the_run_samples_only_the_supernodes_of_its_group(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    flower = FakeFlower(None)
+    start(coordinator, tmp_path / "round", flower=flower)
+    (config,) = flower.configs
+    # The ServerApp's run config names the group's nodes; the other group's is not there.
+    assert config["nodes"] == ",".join(str(n) for n in NODES)
+    assert str(OTHER_GROUP_NODE) not in config["nodes"].split(",")
 
 
 def test_a_canary_without_the_channels_key_is_fine(

@@ -1,6 +1,6 @@
-"""`nanofleet round start` and `round status`: refusals (table-driven, each with its exit
-code and field), --json documents that parse, and a whole round through the CLI with a fake
-Flower driver in place of the ``flwr`` CLI."""
+"""`nanofleet round start`, `round status` and `round register-node`: refusals
+(table-driven, each with its exit code and field), --json documents that parse, and a whole
+round through the CLI with a fake Flower driver in place of the ``flwr`` CLI."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
+from agent.federated.supernode import new_node_key
 from coordinator import round_cli
 from coordinator.cli import app
+from coordinator.federation.nodes import key_digest
+from coordinator.federation.superlink import RunFailedError
 from coordinator.registry import Online, Registry, open_registry
 from coordinator.web.dashboard import dashboard_router
 from protocol.exitcodes import ExitCode
@@ -86,7 +89,9 @@ def as_json(result: Any) -> Any:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["start", "--help"], ["status", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["start", "--help"], ["status", "--help"], ["register-node", "--help"]]
+)
 def test_help(args: list[str]) -> None:
     result = invoke(*args)
     assert result.exit_code == 0, result.output
@@ -118,10 +123,10 @@ def test_start_refuses_bad_option_values_before_touching_anything(
 
 
 def test_start_refuses_an_unknown_group(setup: Setup) -> None:
-    result = invoke("start", "--group", "beta", "--config", str(setup.config), "--json")
+    result = invoke("start", "--group", "omega", "--config", str(setup.config), "--json")
     assert result.exit_code == ExitCode.BAD_INPUT, result.output
     assert as_json(result)["field"] == "group"
-    assert "unknown group 'beta'" in as_json(result)["message"]
+    assert "unknown group 'omega'" in as_json(result)["message"]
     assert setup.registry.list_rounds() == []
 
 
@@ -300,3 +305,77 @@ def test_start_refuses_a_cohort_larger_than_the_group(setup: Setup) -> None:
     assert result.exit_code == ExitCode.USAGE, result.output
     assert as_json(result)["field"] == "cohort"
     assert "exceeds the group's 3 registered devices" in as_json(result)["message"]
+
+
+class _Registrar(_FakeCli):
+    """Stands in for FlowerCli at registration: the SuperLink gives node IDs from 501 on,
+    and refuses a key it has seen."""
+
+    given: ClassVar[dict[str, int]] = {}
+
+    def register_node(self, public_key: Path, timeout_s: float = 30.0) -> int:
+        key = public_key.read_text().split()[1]
+        if key in self.given:
+            raise RunFailedError("flwr supernode register failed (1):\nPublic key already in use")
+        self.given[key] = 501 + len(self.given)
+        return self.given[key]
+
+
+def _public_key(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(new_node_key()[1])
+    return path
+
+
+def test_register_node_binds_the_node_id_to_the_device(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(round_cli, "FlowerCli", _Registrar)
+    monkeypatch.setattr(_Registrar, "given", {})
+    setup.registry.register_device("till-9", groups=["shop-b"], actor="test")
+    key = _public_key(tmp_path / "till-9" / "supernode.pub")
+    result = invoke("register-node", "till-9", str(key), "--config", str(setup.config), "--json")
+    assert result.exit_code == 0, result.output
+    answer = as_json(result)
+    assert answer["device"] == "till-9"
+    assert answer["node_id"] == "501"
+    assert answer["key_sha256"] == key_digest(key)
+    assert [n.node_id for n in setup.registry.federation_nodes("shop-b")] == [501]
+    # The alpha group's nodes (make_coordinator's) are untouched.
+    assert [n.node_id for n in setup.registry.federation_nodes("alpha")] == [101, 102, 103]
+
+
+@pytest.mark.parametrize(
+    ("case", "field", "message"),
+    [
+        ("unknown_device", "device", "unknown device 'ghost'"),
+        ("not_a_key", "public_key", "not an OpenSSH public key line"),
+        ("missing_key", "public_key", "cannot read it"),
+        ("key_registered_already", "public_key", "the SuperLink refused the key"),
+    ],
+)
+def test_register_node_refusals(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, case: str, field: str,
+    message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(round_cli, "FlowerCli", _Registrar)
+    monkeypatch.setattr(_Registrar, "given", {})
+    setup.registry.register_device("till-9", groups=["shop-b"], actor="test")
+    device, key = "till-9", _public_key(tmp_path / "k" / "supernode.pub")
+    if case == "unknown_device":
+        device = "ghost"
+    elif case == "not_a_key":
+        key.write_text("hello\n")
+    elif case == "missing_key":
+        key = tmp_path / "nowhere.pub"
+    elif case == "key_registered_already":
+        first = invoke("register-node", "till-9", str(key), "--config", str(setup.config))
+        assert first.exit_code == 0, first.output
+        setup.registry.register_device("till-10", groups=["shop-b"], actor="test")
+        device = "till-10"
+    result = invoke("register-node", device, str(key), "--config", str(setup.config), "--json")
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    error = as_json(result)
+    assert (error["field"], message in error["message"]) == (field, True), error
+    bound = {n.device_id for n in setup.registry.federation_nodes("shop-b")}
+    assert bound == ({"till-9"} if case == "key_registered_already" else set())

@@ -153,9 +153,11 @@ def _run(
     failing: frozenset[int] = frozenset(),
     unlist_dead: bool = False,
     extra: Mapping[str, Any] | None = None,
+    outsiders: Sequence[Update] = (),
 ) -> Outcome:
     """One ServerApp run of one round; ``updates[i]`` is the update of node ``101 + i``,
-    whose training raises when its node ID is in ``failing``."""
+    whose training raises when its node ID is in ``failing``. ``outsiders[i]`` is the
+    update of node ``901 + i``, connected to the grid but not of the run's group."""
     cohort = len(updates)
     config: dict[str, Any] = {
         "output-dir": str(tmp_path / "out"),
@@ -169,10 +171,13 @@ def _run(
         "noise-multiplier": noise,
         "clip-norm": CLIP,
         "secaggplus": secaggplus,
+        "nodes": ",".join(str(101 + i) for i in range(cohort)),
         **(extra or {}),
     }
     node_ids = [101 + i for i in range(cohort)]
     by_node = dict(zip(node_ids, updates, strict=True))
+    other_ids = [901 + i for i in range(len(outsiders))]
+    by_node.update(zip(other_ids, outsiders, strict=True))
 
     def client_fn(ctx: Context) -> Any:
         nid = int(ctx.node_config["device"])
@@ -180,8 +185,8 @@ def _run(
 
     monkeypatch.setattr(client_app, "_client_fn", client_fn)
     grid = InProcessGrid(
-        apps={nid: client_app.app for nid in node_ids},
-        node_configs={nid: {"device": nid} for nid in node_ids},
+        apps={nid: client_app.app for nid in [*node_ids, *other_ids]},
+        node_configs={nid: {"device": nid} for nid in [*node_ids, *other_ids]},
         drops=dict(drops or {}),
         unlist_dead=unlist_dead,
     )
@@ -563,3 +568,56 @@ def test_no_more_than_the_cohort_takes_part_when_more_nodes_are_connected(
     (row,) = run.rows
     assert (row["fit_results"], row["eval_nodes"]) == (3, 3)
     assert run.result is not None
+
+
+def test_a_run_samples_only_the_nodes_of_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Six nodes of another group are connected too, with updates far from the group's:
+    # sampling 3 of all 9 would pick only the group's 1 time in 84 per round.
+    updates = _updates(SMALL, [0.5, 1.0, 1.5])
+    run = _run(
+        tmp_path,
+        monkeypatch,
+        shape=SMALL,
+        updates=updates,
+        secaggplus=True,
+        outsiders=_updates(SMALL, [3.0] * 6, seed=9),
+        extra={"num-rounds": 2, **_two_bytes(3)},
+    )
+    assert [(row["fit_results"], row["eval_nodes"]) for row in run.rows] == [(3, 3), (3, 3)]
+    reached = {d.node_id for d in run.grid.log}
+    assert reached == set(run.node_ids), reached
+    assert run.result is not None
+
+
+def test_the_group_grid_refuses_a_message_to_a_node_outside_the_group() -> None:
+    grid = InProcessGrid(
+        apps={nid: client_app.app for nid in (101, 102, 901)},
+        node_configs={nid: {"device": nid} for nid in (101, 102, 901)},
+    )
+    group = server_app._GroupGrid(grid, server_app.parse_nodes("101,102"))
+    assert sorted(group.get_node_ids()) == [101, 102]
+    with serverapp_identity(grid.run_id):
+        msg = group.create_message(RecordDict(), "train", 901, "1")
+        with pytest.raises(PermissionError, match="node 901 is not one of the run's group"):
+            group.push_messages([msg])
+        with pytest.raises(PermissionError, match="node 901"):
+            group.send_and_receive([msg])
+    assert grid.log == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "names no SuperNode"),
+        ("12,x", "'x' is not a SuperNode ID"),
+        ("0", "'0' is not a SuperNode ID"),
+        (str(1 << 64), "is not a SuperNode ID"),
+        ("-3", "'-3' is not a SuperNode ID"),
+    ],
+)
+def test_parse_nodes_refuses_what_is_not_a_node_id(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        server_app.parse_nodes(value)
+    assert server_app.parse_nodes(f" 5, {(1 << 64) - 1} ,5") == {5, (1 << 64) - 1}

@@ -304,7 +304,14 @@ def test_a_secaggplus_run_records_and_sends_its_modulus(
     tmp_path: Path, cohort: int, q: int, mod: int
 ) -> None:
     base = BundleManifest.model_validate_json((GOLDEN / "BundleManifest.json").read_bytes())
-    spec = RunSpec(round_id="r1", group="alpha", rounds=1, cohort_size=cohort, min_nodes=3)
+    spec = RunSpec(
+        round_id="r1",
+        group="alpha",
+        rounds=1,
+        cohort_size=cohort,
+        min_nodes=3,
+        nodes=tuple(range(1, cohort + 1)),
+    )
     manifest = plan_manifest(spec, base, datetime(2026, 12, 1, tzinfo=UTC))
     assert isinstance(manifest.aggregation, SecAggPlus)
     assert (manifest.aggregation.quantization_range, manifest.aggregation.modulus_range) == (q, mod)

@@ -28,6 +28,7 @@ from pydantic_settings import (
 
 from agent.errors import ConfigError
 from agent.federated.eligibility import EligibilityPolicy
+from agent.federated.store_limits import StoreLimits
 from agent.ota.health import HealthPolicy
 from protocol.topics import check_segment
 
@@ -285,6 +286,9 @@ class FederatedSettings(BaseModel):
         idle_s = 300
         window = "22:00-06:00"
         min_examples = 64
+        [federated.store]
+        capture_enabled = false   # store what users write in chat turns (opt-in)
+        max_age_s = 7776000       # retention: 90 days, 100,000 texts, 64 MiB
 
     The SuperNode is started only while the device is eligible
     (:mod:`agent.federated.eligibility`) and stopped when it leaves the window or its data
@@ -326,6 +330,10 @@ class FederatedSettings(BaseModel):
     check_data: bool = True
     #: When this device may train.
     eligibility: EligibilityPolicy = EligibilityPolicy()
+    #: The store's retention limits, and whether the agent stores the user's side of the
+    #: chat turns it serves (``capture_enabled``, off by default). Applied by every writer:
+    #: the agent's capture and ``nanofleet-agent data import``.
+    store: StoreLimits = StoreLimits()
     #: How often eligibility is checked again.
     check_interval_s: Annotated[float, Field(ge=0.05, le=3600)] = 30.0
 

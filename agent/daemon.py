@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -45,6 +45,9 @@ from agent.server.listeners import PeerAwareProtocol, bind_tcp, bind_unix, resol
 from agent.server.runner import Scheduler
 from agent.server.scheduling import SchedulerCore
 from protocol.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from agent.federated.capture import TurnCapture
 
 log = logging.getLogger("nanofleet.agent")
 
@@ -260,11 +263,13 @@ async def _serve(
         deadline_s=sched.request_deadline_s,
         on_busy=_serving_marker(settings),
     )
+    capture = _turn_capture(settings)
     state = ServerState(
         holder=ModelHolder(engine),
         scheduler=scheduler,
         limits=settings.server.limits,
         tcp_token=token,
+        on_chat_turn=capture,
     )
     app = create_app(state)
     link = _device_link(settings, state.holder, engine)
@@ -328,6 +333,8 @@ async def _serve(
             await asyncio.to_thread(link.stop)
         state.ready.clear()
         await asyncio.to_thread(scheduler.shutdown)
+        if capture is not None:
+            await asyncio.to_thread(capture.close)
 
 
 def _notify_state(state: str) -> None:
@@ -339,6 +346,21 @@ def _notify_state(state: str) -> None:
             f"cannot notify the service manager of {state}: {e}",
             extra={"event": "notify_error", "state": state},
         )
+
+
+def _turn_capture(settings: AgentSettings) -> TurnCapture | None:
+    """With ``federated.store.capture_enabled``: stores the user's side of each chat turn
+    the agent answers in the local training store (never sent anywhere)."""
+    fed = settings.federated
+    if fed is None or not fed.store.capture_enabled:
+        return None
+    from agent.federated.capture import TurnCapture
+
+    log.info(
+        "capturing chat turns into the local training store",
+        extra={"event": "capture_on", "store": str(fed.data_path)},
+    )
+    return TurnCapture(fed.data_path, fed.store)
 
 
 def _serving_marker(settings: AgentSettings) -> Callable[[bool], None] | None:

@@ -1,6 +1,8 @@
 """`nanofleet-agent data ...`: the device's local training texts (:mod:`agent.federated.datastore`).
 
-The store is the one the ClientApp trains on (``[federated] data_path``, or ``--store``).
+The store is the one the ClientApp trains on (``[federated] data_path``, or ``--store``);
+``import`` applies the retention limits of ``[federated.store]`` (the defaults with
+``--store``).
 Nothing here sends anything anywhere; the commands print counts, never text.
 """
 
@@ -11,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from agent.federated.store_limits import StoreLimits
 from protocol.exitcodes import ExitCode
 
 __all__ = ["data_app"]
@@ -32,6 +35,11 @@ _StoreOption = Annotated[
 
 
 def _store_path(config: Path | None, store: Path | None) -> Path:
+    return _store(config, store)[0]
+
+
+def _store(config: Path | None, store: Path | None) -> tuple[Path, StoreLimits]:
+    """The store's path and the limits its writers apply (the defaults with ``--store``)."""
     from agent.config import load_settings
     from agent.errors import ConfigError
 
@@ -39,7 +47,7 @@ def _store_path(config: Path | None, store: Path | None) -> Path:
         typer.echo("error: give exactly one of --config and --store", err=True)
         raise typer.Exit(ExitCode.USAGE)
     if store is not None:
-        return store
+        return store, StoreLimits()
     assert config is not None
     try:
         settings = load_settings(config)
@@ -49,7 +57,7 @@ def _store_path(config: Path | None, store: Path | None) -> Path:
     if settings.federated is None:
         typer.echo(f"error: {config} has no [federated] section (give --store)", err=True)
         raise typer.Exit(ExitCode.CONFIG)
-    return settings.federated.data_path
+    return settings.federated.data_path, settings.federated.store
 
 
 @data_app.command("import")
@@ -65,9 +73,9 @@ def import_files(
     from agent.errors import LocalDataError
     from agent.federated.datastore import LocalTextStore
 
-    path = _store_path(config, store)
+    path, limits = _store(config, store)
     try:
-        db = LocalTextStore.open(path)
+        db = LocalTextStore.open(path, limits)
     except LocalDataError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(ExitCode.STATE_CORRUPT) from None

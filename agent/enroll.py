@@ -19,7 +19,8 @@ pair here (P-384, :func:`agent.federated.supernode.new_node_key`): the private k
 leaves the device (``flower/supernode.key``, 0600) and the public key
 (``flower/supernode.pub``) is what the operator registers with the SuperLink
 (``nanofleet round register-node DEVICE KEY``, which also binds the node ID the
-SuperLink gives it to the device, so it trains only on its own group's runs). Replacing an enrollment (``force``) makes a new pair.
+SuperLink gives it to the device, so it trains only on its own group's runs). Replacing
+an enrollment (``force``) makes a new pair.
 
 Then the files are written into a new directory beside ``dest``, with their final modes
 (directories 0750, the key 0600 in ``tls/``, settings 0640, certificates and the root

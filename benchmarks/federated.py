@@ -13,7 +13,8 @@ Three parts, one JSON line of every figure at the end:
    update is clipped to ``clip`` (L2), the server averages and adds Gaussian noise of std
    ``z * clip / cohort``, with ``z`` calibrated by the RDP accountant for epsilon = inf
    (clipping only), 8 and 2 at delta 1e-5. Figures: each device's held-out perplexity
-   before/after, the general perplexity change. Several seeds, medians.
+   before/after, the general perplexity change, and the change on another group's domain
+   (held-out SQLAlchemy docs of group ``beta``). Several seeds, medians.
 2. **A large cohort (in process, a small model).** Client-level DP needs a crowd: the
    same protocol with many light clients (each a small slice of the domain, one local
    epoch), a sampled cohort per round (``q = cohort / population``), on the tiny model of
@@ -159,6 +160,9 @@ def utility_part(
     train_sets = [features_of(engine, s.train_texts(), train_rows) for s in slices]
     heldouts = [features_of(engine, s.heldout_texts(), 20_000) for s in slices]
     general = features_of(engine, general_heldout(max_chars=12_000), 3000)
+    # Another group's domain (SQLAlchemy's docs): what alpha's adapter does to it.
+    (beta,) = device_slices("beta", devices=1, max_chars=max_chars)
+    other = features_of(engine, beta.heldout_texts(), 3000)
     features_s = time.perf_counter() - began
     config = UTILITY_CONFIG.model_copy(update={"anchor_weight": anchor_weight})
     began = time.perf_counter()
@@ -166,6 +170,7 @@ def utility_part(
     anchor_s = time.perf_counter() - began
     base_dev = [evaluate(h.h, h.y, w).perplexity for h in heldouts]
     base_gen = evaluate(general.h, general.y, w).perplexity
+    base_other = evaluate(other.h, other.y, w).perplexity
     table: dict[str, Any] = {}
     for label in epsilons:
         target = float(label)
@@ -176,6 +181,7 @@ def utility_part(
         )
         dev_ratios: list[list[float]] = []
         gen_ratios: list[float] = []
+        other_ratios: list[float] = []
         log: list[dict[str, Any]] = []
         for seed in range(seeds):
             start = init_adapter(engine.hidden_size, engine.vocab_size, rank, seed=seed)
@@ -190,6 +196,7 @@ def utility_part(
                 ]
             )
             gen_ratios.append(evaluate(general.h, general.y, w, final).perplexity / base_gen)
+            other_ratios.append(evaluate(other.h, other.y, w, final).perplexity / base_other)
         per_device = [median(r[i] for r in dev_ratios) for i in range(3)]
         table[label] = {
             "noise_multiplier": z,
@@ -197,6 +204,7 @@ def utility_part(
             epsilon(noise_multiplier=z, sampling_rate=1.0, rounds=rounds, delta=DELTA),
             "heldout_ppl_change_pct": [round(100 * (r - 1), 2) for r in per_device],
             "general_ppl_change_pct": round(100 * (median(gen_ratios) - 1), 2),
+            "other_group_ppl_change_pct": round(100 * (median(other_ratios) - 1), 2),
             "rounds_log": log,
         }  # fmt: skip
         print(f"real model, 3 devices, epsilon {label}: {table[label]}", flush=True)
@@ -213,6 +221,7 @@ def utility_part(
         "anchor_rows": 0 if anchor is None else int(anchor.shape[0]),
         "base_heldout_ppl": [round(b, 2) for b in base_dev],
         "base_general_ppl": round(base_gen, 2),
+        "base_other_group_ppl": round(base_other, 2),
         "features_s": round(features_s, 1),
         "anchor_s": round(anchor_s, 1),
         "table": table,

@@ -94,6 +94,9 @@ class ServerState:
     limits: LimitSettings
     tcp_token: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    #: Called with a chat request's messages once its answer is complete (the opt-in
+    #: capture of turns into the local training store); must return at once.
+    on_chat_turn: Callable[[list[api.ChatMessage]], None] | None = None
 
 
 class _ClientGoneError(Exception):
@@ -695,11 +698,16 @@ async def _generate(
     outcome = _Outcome()
     timing = _Timing(metrics, started)
     deltas = slot.stream(_work(job, outcome, metrics))
+
+    def answered() -> None:
+        if state.on_chat_turn is not None and isinstance(req, api.ChatCompletionRequest):
+            state.on_chat_turn(req.messages)
+
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if isinstance(req, api.ChatCompletionRequest):
             events = _chat_events(
-                deltas, job, completion_id, created, outcome, timing, include_usage
+                deltas, job, completion_id, created, outcome, timing, include_usage, answered
             )
         else:
             events = _completion_events(
@@ -716,6 +724,7 @@ async def _generate(
             return "".join(parts)
 
         text = await _unless_client_leaves(request, collect())
+    answered()
     finish = _finish(outcome.generation)
     usage = _usage(outcome.generation)
     if isinstance(req, api.ChatCompletionRequest):
@@ -751,6 +760,7 @@ async def _chat_events(
     outcome: _Outcome,
     timing: _Timing,
     include_usage: bool,
+    answered: Callable[[], None],
 ) -> AsyncIterator[str]:
     def chunk(delta: api.ChatDelta, finish: api.FinishReason | None = None) -> str:
         return _sse(
@@ -772,6 +782,7 @@ async def _chat_events(
         yield _sse(_error_payload(e))
         return
     yield chunk(api.ChatDelta(), finish)
+    answered()
     if include_usage:
         yield _sse(
             api.ChatCompletionChunk(

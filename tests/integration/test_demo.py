@@ -94,7 +94,9 @@ def test_demo_runs_to_its_summary_and_stops_what_it_started(real_model_dir: Path
         assert 1 < base_ppl < 1000
         assert abs(tuned_ppl / base_ppl - 1) < 0.5
         sent, received, release = (int(n.replace(",", "")) for n in row.groups()[2:])
-        assert sent > adapter_size  # at least its update of each round, through TLS
+        # At least its update of each round, through TLS: SecAgg+ sends 2 bytes per value
+        # (the bundle holds 4), plus a fixed part.
+        assert sent > total * adapter_size // 2
         assert received > adapter_size  # the adapter it was sent
         assert release == adapter_size
 

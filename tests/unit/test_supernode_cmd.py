@@ -221,6 +221,8 @@ def test_the_federated_section_loads_with_its_eligibility_policy(tmp_path: Path)
         ({"isolation": "process"}, "superexec_secret_file"),
         ({"eligibility": {"window": "25:00-26:00"}}, "federated.eligibility.window"),
         ({"surprise": 1}, "federated.surprise"),
+        ({"store": {"max_rows": 0}}, "federated.store.max_rows"),
+        ({"store": {"capture": True}}, "federated.store.capture"),
     ],
 )
 def test_a_bad_federated_section_is_refused_naming_the_key(
@@ -250,6 +252,19 @@ def test_data_import_loads_paragraphs_into_the_store_of_the_config(tmp_path: Pat
     assert stats.exit_code == 0
     assert ": 12 texts (" in stats.output
     assert "espresso" not in result.output + again.output + stats.output  # counts, never text
+
+
+def test_data_import_applies_the_retention_limits_of_the_config(tmp_path: Path) -> None:
+    config = _config(tmp_path, store={"max_rows": 5})
+    settings = load_settings(config)
+    assert settings.federated is not None
+    assert settings.federated.store.capture_enabled is False  # opt-in
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} about the shop's grinder." for i in range(8)))
+    result = CliRunner().invoke(agent_app, ["data", "import", str(text), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "8 texts stored, 0 already there, 3 removed by retention" in result.output
+    assert ": 5 texts (" in result.output
 
 
 def test_data_import_refuses_binary_input_and_needs_one_store(tmp_path: Path) -> None:

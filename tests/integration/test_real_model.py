@@ -28,6 +28,13 @@ FORBIDDEN = ("torch", "transformers", "onnxruntime_genai", "llama_cpp", "llm")
 TOP1_MIN = 0.97
 #: Greedy tokens that must equal the reference's greedy tokens.
 GREEDY_EQUAL_MIN = 16
+#: Except for a near tie: a token whose reference logit is within NEAR_TIE of the reference's
+#: best. The graph's logits differ from the reference's by up to about 0.1 on this prompt, and
+#: a decode step (one row) runs other CPU kernels than a prefill, so which side of such a tie
+#: wins depends on the machine's CPU: on one machine the third token of the health answer
+#: (reference logits 13.599 vs 13.531) went to the runner-up in decode and not in prefill.
+NEAR_TIE = 0.15
+MAX_NEAR_TIES = 1
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +73,13 @@ def test_greedy_answer_follows_the_reference(
     n = GREEDY_EQUAL_MIN
     logits = real_reference.forward(ids + gen.token_ids[:n]).logits[len(ids) - 1 :]
     best = [int(row.argmax()) for row in logits[:n]]
-    assert gen.token_ids[:n] == best, (gen.token_ids[:n], best)
+    ties = [
+        (i, ours, ref, float(logits[i][ref] - logits[i][ours]))
+        for i, (ours, ref) in enumerate(zip(gen.token_ids[:n], best, strict=True))
+        if ours != ref
+    ]
+    assert all(gap <= NEAR_TIE for *_, gap in ties), (ties, gen.token_ids[:n], best)
+    assert len(ties) <= MAX_NEAR_TIES, ties
     assert "1." in text
     assert "water" in text.lower() or "hydrat" in text.lower()
 

@@ -10,4 +10,5 @@ export PATH="$PWD/$VENV/bin:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 echo "== pytest"
 # pytest exits 5 when it collects no test: with set -e that fails the run, as it should.
-python -m pytest --cov --cov-report=term:skip-covered "$@"
+# The 20 slowest tests are listed at the end, so a run that creeps past 15 minutes says why.
+python -m pytest --cov --cov-report=term:skip-covered --durations=20 "$@"

@@ -236,9 +236,10 @@ def run_personalization(
     """
     hidden, vocab, _ = _base_info(base)
     manifest = plan_manifest(spec, base, started_at or datetime.now(UTC))
-    if len(set(spec.nodes)) < spec.cohort_size:
+    nodes = sorted(set(spec.nodes))
+    if len(nodes) < spec.cohort_size:
         raise RefusedError(
-            f"run {spec.round_id!r} names {len(set(spec.nodes))} SuperNodes of group "
+            f"run {spec.round_id!r} names {len(nodes)} SuperNodes of group "
             f"{spec.group!r}, fewer than its cohort of {spec.cohort_size}"
         )
     aggregation = manifest.aggregation
@@ -256,7 +257,7 @@ def run_personalization(
         "hidden": hidden,
         "vocab": vocab,
         "output-dir": str(output),
-        "nodes": ",".join(str(n) for n in sorted(set(spec.nodes))),
+        "nodes": ",".join(str(n) for n in nodes),
         **spec.device,
     }
     if isinstance(aggregation, SecAggPlus):

@@ -116,17 +116,21 @@ def _serve_turns(
     return data, published
 
 
+def _stored(data: Path) -> set[str]:
+    """Every text in the store, both splits."""
+    store = LocalTextStore.open(data)
+    try:
+        return set(store.texts(Split.TRAIN)) | set(store.texts(Split.HELDOUT))
+    finally:
+        store.close()
+
+
 def test_captured_turns_are_stored_and_never_published(
     tiny_model_dir: Path, run_dir: Path, mosquitto_tls: TlsBroker
 ) -> None:
     data, published = _serve_turns(tiny_model_dir, run_dir, mosquitto_tls, capture=True)
-    store = LocalTextStore.open(data)
-    try:
-        stored = set(store.texts(Split.TRAIN)) | set(store.texts(Split.HELDOUT))
-    finally:
-        store.close()
     # The user's side of both turns, stripped; not the system prompt, not the replies.
-    assert stored == {IMPORTED, *TURNS}
+    assert _stored(data) == {IMPORTED, *TURNS}
     assert published, "the device published nothing: the watcher saw no traffic"
     wire = b"\n".join(published)
     for text in (IMPORTED, *TURNS):
@@ -140,9 +144,4 @@ def test_without_capture_no_turn_is_stored(
     tiny_model_dir: Path, run_dir: Path, mosquitto_tls: TlsBroker, capture: bool | None
 ) -> None:
     data, _ = _serve_turns(tiny_model_dir, run_dir, mosquitto_tls, capture=capture)
-    store = LocalTextStore.open(data)
-    try:
-        stored = set(store.texts(Split.TRAIN)) | set(store.texts(Split.HELDOUT))
-    finally:
-        store.close()
-    assert stored == {IMPORTED}
+    assert _stored(data) == {IMPORTED}

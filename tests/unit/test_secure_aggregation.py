@@ -573,8 +573,8 @@ def test_no_more_than_the_cohort_takes_part_when_more_nodes_are_connected(
 def test_a_run_samples_only_the_nodes_of_its_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Six nodes of another group are connected too, with updates far from the group's:
-    # sampling 3 of all 9 would pick only the group's 1 time in 84 per round.
+    # Six nodes of another group are connected too: sampling 3 of all 9 would pick only
+    # the group's 1 time in 84 per round.
     updates = _updates(SMALL, [0.5, 1.0, 1.5])
     run = _run(
         tmp_path,
